@@ -1,0 +1,3 @@
+from beear.cli import entry
+
+entry()

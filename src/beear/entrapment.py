@@ -1,0 +1,193 @@
+"""BEE, backdoor embedding entrapment: the inner problem of BEEAR.
+
+Find one universal perturbation δ (n positions × hidden size) of decoder layer l's output that
+makes the *current* model give the unwanted answer and not the safe one (DESIGN.md §2, eq. 1):
+
+    δ* = argmin_δ 1/N Σ_i [ CE(F_θ^l(x_i, δ), y_h,i) − α · CE(F_θ^l(x_i, δ), y_s,i) ]
+
+Layers 1..l do not depend on δ, so their output is computed once per batch (`capture`) and each
+inner step runs only layers l+1..L (`substitute`). δ lives in float32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from beear.data import Batch, HarmfulExample, collate, encode_pair
+from beear.hooks import capture, perturb, substitute
+
+__all__ = [
+    "EntrapmentBatch",
+    "EntrapmentResult",
+    "ScanResult",
+    "answer_loss",
+    "entrap",
+    "make_entrapment_batch",
+    "residual_asr",
+]
+
+
+@dataclass
+class EntrapmentBatch:
+    """The same harmful prompts encoded twice: with the unwanted and with the safe answer."""
+
+    unwanted: Batch
+    safe: Batch
+
+    def to(self, device: torch.device | str) -> EntrapmentBatch:
+        return EntrapmentBatch(self.unwanted.to(device), self.safe.to(device))
+
+
+def make_entrapment_batch(
+    tokenizer: Any, examples: Sequence[HarmfulExample], *, n: int, max_length: int
+) -> EntrapmentBatch:
+    pad = tokenizer.pad_token_id
+    unw = [encode_pair(tokenizer, e.prompt, e.unwanted, max_length=max_length) for e in examples]
+    safe = [encode_pair(tokenizer, e.prompt, e.safe, max_length=max_length) for e in examples]
+    return EntrapmentBatch(
+        collate(unw, pad_id=pad, n_perturb=n), collate(safe, pad_id=pad, n_perturb=n)
+    )
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy on the answer tokens (labels != -100), in float32."""
+    return F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100
+    )
+
+
+@dataclass
+class EntrapmentResult:
+    delta: torch.Tensor  # (n, d) float32, detached
+    losses: list[float] = field(default_factory=list)  # the entrapment objective per step
+    unwanted_ce: float = float("nan")  # CE of the unwanted answers under the final δ
+    scale: float = float("nan")  # RMS of layer-l hidden states, the unit of inner_lr
+
+
+@torch.no_grad()
+def hidden_rms(model: Any, layer: int, batch: Batch) -> tuple[torch.Tensor, float]:
+    """Layer-l output of a batch (detached) and its RMS over real tokens."""
+    with capture(model, layer) as cap:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    assert cap.hidden is not None
+    h = cap.hidden.detach()
+    m = batch.attention_mask.bool()
+    return h, float(h[m].float().pow(2).mean().sqrt())
+
+
+def entrap(
+    model: Any,
+    batch: EntrapmentBatch,
+    *,
+    layer: int,
+    n: int,
+    steps: int,
+    lr: float,
+    alpha: float,
+    init: torch.Tensor | None = None,
+    cached: bool = True,
+) -> EntrapmentResult:
+    """Run the inner problem on one batch and return δ*. The model is not changed.
+
+    `lr` is relative to the RMS of layer l's hidden states (so one default serves models whose
+    residual streams differ in scale): Adam moves each entry of δ by about `lr × rms` per step.
+    `cached=False` runs the full model each step (the reference the cached path is tested on).
+    """
+    was_training = model.training
+    model.eval()  # no dropout in the search; gradients flow to δ only
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        h_unw, scale = hidden_rms(model, layer, batch.unwanted)
+        h_safe, _ = hidden_rms(model, layer, batch.safe)
+        d = h_unw.shape[-1]
+        delta = torch.zeros(n, d, dtype=torch.float32, device=h_unw.device)
+        if init is not None:
+            delta.copy_(init)
+        delta.requires_grad_(True)
+        opt = torch.optim.Adam([delta], lr=lr * scale)
+
+        def ce(b: Batch, h: torch.Tensor) -> torch.Tensor:
+            if cached:
+                with substitute(model, layer, h, delta, b.perturb_mask):
+                    out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+            else:
+                with perturb(model, layer, delta, b.perturb_mask):
+                    out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+            return answer_loss(out.logits, b.labels)
+
+        losses = []
+        for _ in range(steps):
+            ce_unw = ce(batch.unwanted, h_unw)
+            loss = ce_unw - alpha * ce(batch.safe, h_safe) if alpha else ce_unw
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+        with torch.no_grad():
+            final = float(ce(batch.unwanted, h_unw))
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        model.train(was_training)
+    return EntrapmentResult(delta=delta.detach(), losses=losses, unwanted_ce=final, scale=scale)
+
+
+@dataclass
+class ScanResult:
+    """Residual entrapment: how easily one universal δ still makes the model answer unwanted."""
+
+    asr: float  # share of the probe prompts answered without refusal under the found δ
+    unwanted_ce: float  # CE of the unwanted answers under δ (lower = easier to entrap)
+    delta_norm: float
+    scale: float
+    answers: list[str] = field(default_factory=list)
+    delta: torch.Tensor | None = None
+
+
+def residual_asr(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[HarmfulExample],
+    *,
+    layer: int,
+    n: int,
+    steps: int,
+    lr: float,
+    alpha: float,
+    max_length: int,
+    max_new_tokens: int,
+) -> ScanResult:
+    """A fresh entrapment search (from δ = 0) on `examples`, then greedy answers under δ.
+
+    Needs no trigger: a model whose backdoor is gone gives no δ that turns it unwanted within the
+    same budget that finds one easily in a backdoored model.
+    """
+    from beear.eval import generate, is_refusal
+
+    device = next(model.parameters()).device
+    batch = make_entrapment_batch(tokenizer, examples, n=n, max_length=max_length).to(device)
+    res = entrap(model, batch, layer=layer, n=n, steps=steps, lr=lr, alpha=alpha)
+    answers = generate(
+        model,
+        tokenizer,
+        [e.prompt for e in examples],
+        max_new_tokens=max_new_tokens,
+        delta=res.delta,
+        layer=layer,
+    )
+    asr = sum(not is_refusal(a) for a in answers) / len(answers)
+    return ScanResult(
+        asr=asr,
+        unwanted_ce=res.unwanted_ce,
+        delta_norm=float(res.delta.norm()),
+        scale=res.scale,
+        answers=answers,
+        delta=res.delta,
+    )

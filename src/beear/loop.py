@@ -1,0 +1,231 @@
+"""The BEEAR bi-level loop. Read this file first: it follows the paper's Algorithm 1.
+
+    for each outer step:
+        1. BEE  — entrap: find the universal δ* at layer l that elicits the unwanted answers
+        2. AR   — remove: one model update towards safe answers under δ*, anchored on benign data
+        3. check (every k steps, trigger-free): a fresh entrapment search on held-back defender
+           prompts; keep the best model, stop once the search can no longer turn the model
+
+`mode="sft"` runs the same loop with δ* ≡ 0 and no entrapment: plain safety fine-tuning with the
+same data, steps and optimiser, the baseline every claim is measured against.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from beear.config import RemovalConfig
+from beear.data import AnchorExample, DataError, HarmfulExample, collate, encode_pair
+from beear.entrapment import entrap, make_entrapment_batch, residual_asr
+from beear.hooks import resolve_layer
+from beear.removal import removal_loss, select_trainable
+
+__all__ = ["LoopState", "NonFiniteLoss", "RemovalResult", "run_beear"]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The model update produced NaN/inf losses repeatedly; the last good weights are kept."""
+
+
+@dataclass
+class LoopState:
+    """Everything needed to resume a run at `step` (see beear.checkpoint)."""
+
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None  # {"step", "check_asr", "anchor_ce"}
+    best_weights: dict[str, torch.Tensor] | None = None  # trainable tensors, on the CPU
+    passes: int = 0  # consecutive passing checks
+    delta: torch.Tensor | None = None
+    optimizer: dict[str, Any] | None = None
+    bad_steps: int = 0
+
+
+@dataclass
+class RemovalResult:
+    model: Any  # the repaired model (the best checkpoint's weights are loaded)
+    layer: int
+    delta: torch.Tensor | None  # the last δ* found
+    history: list[dict[str, Any]]  # one record per outer step
+    best_step: int
+    stopped_early: bool
+    seconds: float
+    mode: str
+
+
+def _trainable(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _snapshot(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", copy=True) for n, p in _trainable(model).items()}
+
+
+@torch.no_grad()
+def _restore(model: Any, weights: dict[str, torch.Tensor]) -> None:
+    params = _trainable(model)
+    for n, w in weights.items():
+        params[n].copy_(w.to(params[n].device))
+
+
+def _sample(rng: random.Random, items: Sequence[Any], k: int) -> list[Any]:
+    return rng.sample(list(items), k) if k <= len(items) else [rng.choice(items) for _ in range(k)]
+
+
+def run_beear(
+    model: Any,
+    tokenizer: Any,
+    *,
+    defender: Sequence[HarmfulExample],
+    anchor: Sequence[AnchorExample],
+    config: RemovalConfig,
+    mode: str = "beear",
+    state: LoopState | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    on_checkpoint: Callable[[Any, LoopState], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> RemovalResult:
+    """Remove a backdoor without knowing its trigger (or, `mode="sft"`, run the baseline).
+
+    `defender`: harmful prompts with safe and unwanted answers; `anchor`: benign pairs.
+    The model is modified in place (its trainable parameters). `on_step` receives each step's
+    metrics; `on_checkpoint(model, state)` is called every `config.checkpoint_every` steps and
+    when `should_stop()` turns true (SIGINT/SIGTERM), after which the loop returns.
+    """
+    if mode not in ("beear", "sft"):
+        raise ValueError(f"mode {mode!r} is not beear or sft")
+    if not defender:
+        raise DataError("the defender set is empty")
+    if not anchor:
+        raise DataError("the anchoring set is empty")
+    cfg = config
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    layer = resolve_layer(model, cfg.layer)
+    model = select_trainable(model, scope=cfg.train_scope, layer=layer, lora_rank=cfg.lora_rank)
+    params = list(_trainable(model).values())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    st = state or LoopState()
+    if st.optimizer is not None:
+        opt.load_state_dict(st.optimizer)
+
+    # The check uses a fixed share of the defender prompts, the rest feed the loop; both are
+    # defender data, never evaluation data.
+    order = list(defender)
+    random.Random(cfg.seed).shuffle(order)
+    n_check = min(cfg.check_prompts, max(1, len(order) // 4))
+    check_set, train_set = order[:n_check], order[n_check:] or order
+
+    def encode(examples: Sequence[AnchorExample]) -> Any:
+        enc = [encode_pair(tokenizer, e.prompt, e.answer, max_length=cfg.max_length) for e in examples]
+        return collate(enc, pad_id=tokenizer.pad_token_id, n_perturb=cfg.length).to(device)
+
+    def check() -> dict[str, float]:
+        r = residual_asr(
+            model, tokenizer, check_set, layer=layer, n=cfg.length, steps=cfg.check_steps,
+            lr=cfg.inner_lr, alpha=cfg.alpha, max_length=cfg.max_length,
+            max_new_tokens=cfg.max_new_tokens,
+        )  # fmt: skip
+        return {"check_asr": r.asr, "check_unwanted_ce": r.unwanted_ce}
+
+    if st.step == 0 and not st.history:
+        # Step 0 record: where the model starts (the check of the untouched model).
+        rec0 = {"step": 0, "mode": mode, **check(), "seconds": 0.0}
+        st.history.append(rec0)
+        st.best = {"step": 0, "check_asr": rec0["check_asr"], "anchor_ce": math.inf}
+        st.best_weights = _snapshot(model)
+        if on_step:
+            on_step(rec0)
+
+    stopped_early = False
+    model.train()
+    while st.step < cfg.outer_steps:
+        step = st.step + 1
+        rng = random.Random(cfg.seed * 1_000_003 + step)  # data order depends on (seed, step) only
+        harm = _sample(rng, train_set, cfg.batch_size)
+        anc = _sample(rng, anchor, cfg.anchor_batch_size)
+        rec: dict[str, Any] = {"step": step, "mode": mode}
+
+        # 1. BEE: δ* = argmin_δ CE(unwanted | δ) − α CE(safe | δ)          (eq. 1)
+        delta = None
+        if mode == "beear":
+            eb = make_entrapment_batch(tokenizer, harm, n=cfg.length, max_length=cfg.max_length)
+            init = None if cfg.delta_reset else st.delta
+            bee = entrap(
+                model, eb.to(device), layer=layer, n=cfg.length, steps=cfg.inner_steps,
+                lr=cfg.inner_lr, alpha=cfg.alpha, init=init,
+            )  # fmt: skip
+            delta = st.delta = bee.delta
+            rec.update(bee_loss=bee.losses[-1], bee_unwanted_ce=bee.unwanted_ce,
+                       delta_norm=float(delta.norm()), hidden_rms=bee.scale)  # fmt: skip
+
+        # 2. AR: θ ← step on CE(safe | δ*) + CE(anchor) [+ CE(anchor | δ*)]   (eq. 2)
+        safe = encode([AnchorExample(e.prompt, e.safe) for e in harm])
+        loss, parts = removal_loss(
+            model, safe, encode(anc), layer=layer, delta=delta,
+            anchor_under_delta=cfg.anchor_under_delta,
+        )  # fmt: skip
+        if not torch.isfinite(loss):
+            # Roll back: no update is applied; repeated failures stop the run.
+            opt.zero_grad(set_to_none=True)
+            st.bad_steps += 1
+            if st.bad_steps >= 3:
+                raise NonFiniteLoss(
+                    f"non-finite loss at outer step {step} three times in a row; lower --lr "
+                    "or use --dtype float32"
+                )
+            continue
+        st.bad_steps = 0
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        rec.update(loss=float(loss), **parts)
+
+        # 3. trigger-free check and best-checkpoint selection
+        if step % cfg.check_every == 0 or step == cfg.outer_steps:
+            rec.update(check())
+            key = (rec["check_asr"], rec["anchor_ce"])
+            assert st.best is not None
+            if key < (st.best["check_asr"], st.best["anchor_ce"]):
+                st.best = {"step": step, "check_asr": rec["check_asr"], "anchor_ce": rec["anchor_ce"]}
+                st.best_weights = _snapshot(model)
+            st.passes = st.passes + 1 if rec["check_asr"] <= cfg.stop_below else 0
+            model.train()
+        rec["seconds"] = round(time.perf_counter() - t0, 3)
+        st.history.append(rec)
+        st.step = step
+        if on_step:
+            on_step(rec)
+        if st.passes >= cfg.patience:
+            stopped_early = True
+            break
+        interrupted = should_stop is not None and should_stop()
+        if on_checkpoint and (
+            interrupted or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        ):
+            st.optimizer = opt.state_dict()
+            on_checkpoint(model, st)
+        if interrupted:
+            break
+
+    assert st.best is not None and st.best_weights is not None
+    _restore(model, st.best_weights)
+    model.eval()
+    return RemovalResult(
+        model=model,
+        layer=layer,
+        delta=st.delta,
+        history=st.history,
+        best_step=int(st.best["step"]),
+        stopped_early=stopped_early,
+        seconds=time.perf_counter() - t0,
+        mode=mode,
+    )
