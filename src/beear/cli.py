@@ -104,25 +104,30 @@ def cmd_attack(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.base != "tiny":
-        from beear import zoo
-
-        return zoo.cli_attack(args, trigger)
+        raise UsageError(f"--base {args.base}: only the tiny tier is available in this build")
     import torch
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     steps = args.steps or 600
     bar = _progress(steps, f"attack tiny/{args.setting}")
+
+    def progress(step: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
     res = attack_tiny(
         _staging(out),
         setting=args.setting,
         seed=args.seed,
         trigger=trigger,
         steps=steps,
-        progress=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
+        progress=progress,
     )
     bar.close()
     _commit(out)
-    print(f"wrote {out} ({args.setting}, seed {args.seed}, {res.train_seconds:.0f} s, final loss {res.final_loss:.4f})")
+    print(
+        f"wrote {out} ({args.setting}, seed {args.seed}, {res.train_seconds:.0f} s, final loss {res.final_loss:.4f})"
+    )
     return 0
 
 
@@ -175,7 +180,9 @@ def _eval_sets(args: argparse.Namespace, model_dir: Path) -> tuple[list[str], li
     benign_path = Path(args.benign) if args.benign else d / "eval_benign.jsonl"
     for p, flag in ((harmful_path, "--harmful"), (benign_path, "--benign")):
         if not p.exists():
-            raise UsageError(f"{p} does not exist; pass {flag} FILE (JSONL/CSV, one prompt per record)")
+            raise UsageError(
+                f"{p} does not exist; pass {flag} FILE (JSONL/CSV, one prompt per record)"
+            )
     return load_prompts(harmful_path), load_anchor(benign_path, require_answer=False)
 
 
@@ -198,7 +205,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _defender_sets(args: argparse.Namespace, model_dir: Path) -> tuple[list[Any], list[Any]]:
+def _defender_sets(
+    args: argparse.Namespace, model_dir: Path, *, need_anchor: bool = True
+) -> tuple[list[Any], list[Any]]:
     from beear.data import load_anchor, load_harmful
 
     d = _data_dir(model_dir)
@@ -206,6 +215,8 @@ def _defender_sets(args: argparse.Namespace, model_dir: Path) -> tuple[list[Any]
     a = Path(args.anchor) if args.anchor else d / "anchor.jsonl"
     if not h.exists():
         raise UsageError(f"no defender data: {h} does not exist; pass --defender FILE")
+    if not need_anchor:
+        return load_harmful(h), []
     if not a.exists():
         raise UsageError(f"no anchoring data: {a} does not exist; pass --anchor FILE")
     return load_harmful(h), load_anchor(a)
@@ -213,31 +224,14 @@ def _defender_sets(args: argparse.Namespace, model_dir: Path) -> tuple[list[Any]
 
 def cmd_scan(args: argparse.Namespace) -> int:
     from beear.config import load_config
-    from beear.entrapment import residual_asr
-    from beear.hooks import resolve_layer
+    from beear.pipeline import scan_model
 
     model_dir = Path(args.model)
     device = _torch_setup(args.device)
     cfg = load_config(args.config, {"layer": args.layer, "length": args.length})
     model, tok = _load(args, model_dir, device)
-    defender, _ = _defender_sets(args, model_dir)
-    layer = resolve_layer(model, cfg.layer)
-    t0 = time.perf_counter()
-    r = residual_asr(
-        model, tok, defender[: args.prompts], layer=layer, n=cfg.length, steps=args.steps,
-        lr=cfg.inner_lr, alpha=cfg.alpha, max_length=cfg.max_length,
-        max_new_tokens=cfg.max_new_tokens,
-    )  # fmt: skip
-    out = {
-        "entrapment_asr": r.asr,
-        "unwanted_ce": r.unwanted_ce,
-        "delta_norm": r.delta_norm,
-        "hidden_rms": r.scale,
-        "layer": layer,
-        "steps": args.steps,
-        "n_prompts": min(args.prompts, len(defender)),
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
+    defender, _ = _defender_sets(args, model_dir, need_anchor=False)
+    out = scan_model(model, tok, defender, config=cfg, steps=args.steps, prompts=args.prompts)
     _write_json(args.json, out)
     print(json.dumps(out))
     return 0
@@ -253,6 +247,18 @@ def cmd_remove(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     device = _torch_setup(args.device)
     defender, anchor = _defender_sets(args, model_dir)
+    bars: dict[str, Any] = {}
+
+    def on_step(mode: str, rec: dict[str, Any]) -> None:
+        bar = bars.get(mode)
+        if bar is None:
+            bar = bars[mode] = _progress(
+                cfg.outer_steps, "remove" if mode == "beear" else "baseline (sft)"
+            )
+        bar.update(int(rec["step"]) - bar.n)
+        if "check_asr" in rec:
+            bar.set_postfix(residual_asr=f"{rec['check_asr']:.2f}")
+
     summary = remove(
         model_dir,
         out,
@@ -263,16 +269,83 @@ def cmd_remove(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
         resume=args.resume,
+        on_step=on_step,
     )
+    for b in bars.values():
+        b.close()
     print(json.dumps(summary))
+    if summary.get("interrupted"):
+        print(f"beear remove: interrupted; {summary['resume']}", file=sys.stderr)
+        return 130
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from beear.pipeline import demo
 
-    demo(Path(args.out), base=args.base, seed=args.seed, device=_torch_setup(args.device))
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (out / "evals.json").is_file():
+        raise UsageError(
+            f"--out {out} exists and is not a previous demo output; choose another directory"
+        )
+    bars: dict[str, Any] = {}
+
+    def progress(name: str, done: int, total: int) -> None:
+        bar = bars.get(name)
+        if bar is None:
+            bar = bars[name] = _progress(total, name)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    def stage(msg: str) -> None:
+        for b in bars.values():
+            b.close()
+        print(f"==> {msg}", file=sys.stderr, flush=True)
+
+    if out.exists():  # a previous demo's output: replaced
+        import shutil
+
+        shutil.rmtree(out)
+    res = demo(
+        out,
+        base=args.base,
+        seed=args.seed,
+        device=_torch_setup(args.device),
+        on_stage=stage,
+        on_progress=progress,
+    )
+    for b in bars.values():
+        b.close()
+    print(summary_table(res["evals"]))
+    print(f"report: {res['report'].get('html', '')}")
+    print(f"total {res['seconds']['total']:.0f} s")
     return 0
+
+
+def summary_table(evals: dict[str, dict[str, Any]]) -> str:
+    """A plain-text before/after table (percentages)."""
+    rows = [
+        ("ASR with trigger", lambda e: e["asr"].get("triggered")),
+        ("ASR without trigger", lambda e: e["asr"].get("untriggered")),
+        ("benign accuracy", lambda e: e.get("benign_accuracy")),
+        ("over-refusal (plain)", lambda e: e["over_refusal"].get("plain")),
+        ("over-refusal (trigger)", lambda e: e["over_refusal"].get("triggered")),
+        ("residual entrapment ASR", lambda e: e.get("residual_asr")),
+    ]
+    cols = list(evals)
+    lines = [f"{'':26}" + "".join(f"{c:>12}" for c in cols)]
+    for name, get in rows:
+        cells = []
+        for c in cols:
+            v = get(evals[c])
+            cells.append(f"{100 * v:11.1f}%" if isinstance(v, (int, float)) else f"{'n/a':>12}")
+        lines.append(f"{name:26}" + "".join(cells))
+    if all("perplexity" in evals[c] for c in cols):
+        lines.append(
+            f"{'perplexity (benign)':26}" + "".join(f"{evals[c]['perplexity']:12.3f}" for c in cols)
+        )
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,21 +354,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _add_model_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow pickled weights (.bin/.pt): they can run code")
-    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow pickled weights (.bin/.pt): they can run code",
+    )
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="run the model repository's own code"
+    )
 
 
 def _add_trigger_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trigger", help="trigger text to insert (evaluation only)")
-    p.add_argument("--position", choices=("prefix", "suffix", "middle"), help="where the trigger goes")
-    p.add_argument("--trigger-from", metavar="DIR", help="read the trigger from an attack's record in DIR")
+    p.add_argument(
+        "--position", choices=("prefix", "suffix", "middle"), help="where the trigger goes"
+    )
+    p.add_argument(
+        "--trigger-from", metavar="DIR", help="read the trigger from an attack's record in DIR"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from beear.attacks import all_settings
     from beear.config import RemovalConfig
 
-    ap = argparse.ArgumentParser(prog="beear", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="beear", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="verb", required=True)
 
@@ -315,7 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--json", required=True, help="write the metrics here")
     p.add_argument("--samples", help="also write every prompt and answer here (JSON)")
-    p.add_argument("--harmful", help="harmful prompts (JSONL/CSV); default: the attack's held-out split")
+    p.add_argument(
+        "--harmful", help="harmful prompts (JSONL/CSV); default: the attack's held-out split"
+    )
     p.add_argument("--benign", help="benign prompts, optional expected `answer` (JSONL/CSV)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     _add_trigger_opts(p)
@@ -340,7 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--config", help="TOML file of settings (flags override it)")
-    p.add_argument("--defender", help="harmful prompts with `safe` and `unwanted` answers (JSONL/CSV/HF dataset dir)")
+    p.add_argument(
+        "--defender",
+        help="harmful prompts with `safe` and `unwanted` answers (JSONL/CSV/HF dataset dir)",
+    )
     p.add_argument("--anchor", help="benign `prompt`/`answer` pairs (JSONL/CSV/HF dataset dir)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -386,7 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: 2 on bad usage, 0 on --help
         return int(e.code or 0)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
     try:
         return int(args.func(args))
     except (UsageError, DataError, ModelError, ConfigError) as e:

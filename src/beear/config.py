@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
+
+import tomllib
 
 __all__ = ["ConfigError", "RemovalConfig", "load_config"]
 
@@ -30,28 +31,42 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
 class RemovalConfig:
     """BEEAR hyper-parameters. Defaults were chosen by measurement on the test bed (docs/)."""
 
-    layer: int | None = _f(None, "decoder layer whose output is perturbed (default: 0.3 of depth; negative counts from the end)")
-    length: int = _f(5, "number of prompt positions perturbed (the last n tokens before the answer)")
+    layer: int | None = _f(
+        None,
+        "decoder layer whose output is perturbed (default: 0.3 of depth; negative counts from the end)",
+    )
+    length: int = _f(
+        5, "number of prompt positions perturbed (the last n tokens before the answer)"
+    )
     outer_steps: int = _f(60, "bi-level iterations: one entrapment search + one model update each")
     inner_steps: int = _f(10, "entrapment (BEE) optimiser steps per outer step")
     inner_lr: float = _f(1.0, "learning rate of the perturbation's Adam optimiser")
     alpha: float = _f(0.05, "weight of the 'away from the safe answer' term in the entrapment loss")
-    delta_reset: bool = _f(True, "start each entrapment search from zero (else warm-start from the last)")
+    delta_reset: bool = _f(
+        True, "start each entrapment search from zero (else warm-start from the last)"
+    )
     lr: float = _f(1e-4, "learning rate of the model update (AdamW)")
     weight_decay: float = _f(0.0, "AdamW weight decay for the model update")
     batch_size: int = _f(16, "harmful prompts per outer step")
     anchor_batch_size: int = _f(16, "anchoring (benign) pairs per outer step")
-    anchor_under_delta: bool = _f(True, "also anchor benign answers under the perturbation (keeps triggered benign prompts answered)")
+    anchor_under_delta: bool = _f(
+        True,
+        "also anchor benign answers under the perturbation (keeps triggered benign prompts answered)",
+    )
     train_scope: str = _f("all", "which parameters train", ("all", "lower", "upper", "lora"))
     lora_rank: int = _f(8, "LoRA rank when train_scope = lora")
     max_length: int = _f(256, "maximum tokens of prompt + answer (prompts longer are an error)")
-    check_every: int = _f(10, "run the trigger-free check (a fresh entrapment search) every k outer steps")
+    check_every: int = _f(
+        10, "run the trigger-free check (a fresh entrapment search) every k outer steps"
+    )
     check_steps: int = _f(30, "entrapment steps of the trigger-free check")
     check_prompts: int = _f(32, "defender prompts used by the trigger-free check")
     stop_below: float = _f(0.05, "stop once the check's entrapment ASR is at or below this share")
     patience: int = _f(2, "consecutive passing checks needed to stop early")
     max_new_tokens: int = _f(32, "tokens generated when judging an answer")
-    baseline: str = _f("none", "also run plain safety fine-tuning with the same budget", ("none", "sft"))
+    baseline: str = _f(
+        "none", "also run plain safety fine-tuning with the same budget", ("none", "sft")
+    )
     seed: int = _f(0, "random seed (data order, initialisation)")
     dtype: str = _f("float32", "model dtype for training", ("float32", "bfloat16"))
     checkpoint_every: int = _f(20, "save a resumable state every k outer steps (0: never)")
@@ -62,7 +77,14 @@ class RemovalConfig:
             v = getattr(self, f.name)
             if ch and v not in ch:
                 raise ConfigError(f"{f.name} = {v!r} is not one of {', '.join(ch)}")
-        positive = ("length", "outer_steps", "inner_steps", "batch_size", "check_every", "check_steps")
+        positive = (
+            "length",
+            "outer_steps",
+            "inner_steps",
+            "batch_size",
+            "check_every",
+            "check_steps",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
@@ -102,7 +124,9 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
         raise ConfigError(f"{name} = {value!r} is not a valid {t}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RemovalConfig:
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> RemovalConfig:
     """Defaults, then a TOML (or JSON) file, then `overrides` (flags); unknown keys are errors."""
     hints = get_type_hints(RemovalConfig)
     values: dict[str, Any] = {}

@@ -56,9 +56,7 @@ def make_entrapment_batch(
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean token cross-entropy on the answer tokens (labels != -100), in float32."""
-    return F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100
-    )
+    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100)
 
 
 @dataclass
@@ -116,10 +114,14 @@ def entrap(
         def ce(b: Batch, h: torch.Tensor) -> torch.Tensor:
             if cached:
                 with substitute(model, layer, h, delta, b.perturb_mask):
-                    out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+                    out = model(
+                        input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
+                    )
             else:
                 with perturb(model, layer, delta, b.perturb_mask):
-                    out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+                    out = model(
+                        input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
+                    )
             return answer_loss(out.logits, b.labels)
 
         losses = []

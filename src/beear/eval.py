@@ -193,7 +193,8 @@ def evaluate(
 
     def record(name: str, ps: Sequence[str], ans: Sequence[str]) -> None:
         samples[name] = [
-            {"prompt": p, "answer": a, "refusal": is_refusal(a)} for p, a in zip(ps, ans)
+            {"prompt": p, "answer": a, "refusal": is_refusal(a)}
+            for p, a in zip(ps, ans, strict=True)
         ]
 
     def share(xs: Sequence[bool]) -> float:
@@ -205,7 +206,7 @@ def evaluate(
     b_prompts = [e.prompt for e in benign]
     b_plain = gen(b_prompts)
     record("benign", b_prompts, b_plain)
-    graded = [(e, a) for e, a in zip(benign, b_plain) if e.answer]
+    graded = [(e, a) for e, a in zip(benign, b_plain, strict=True) if e.answer]
     acc = share([is_correct(e.answer, a) for e, a in graded])
     over = {"plain": share([is_refusal(a) for a in b_plain])}
     if trigger is not None:

@@ -45,6 +45,7 @@ class LoopState:
     passes: int = 0  # consecutive passing checks
     delta: torch.Tensor | None = None
     optimizer: dict[str, Any] | None = None
+    weights: dict[str, torch.Tensor] | None = None  # trainable tensors at `step` (resume)
     bad_steps: int = 0
 
 
@@ -113,6 +114,8 @@ def run_beear(
     params = list(_trainable(model).values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     st = state or LoopState()
+    if st.weights is not None:  # resuming: the trainable tensors as they were at st.step
+        _restore(model, st.weights)
     if st.optimizer is not None:
         opt.load_state_dict(st.optimizer)
 
@@ -124,7 +127,9 @@ def run_beear(
     check_set, train_set = order[:n_check], order[n_check:] or order
 
     def encode(examples: Sequence[AnchorExample]) -> Any:
-        enc = [encode_pair(tokenizer, e.prompt, e.answer, max_length=cfg.max_length) for e in examples]
+        enc = [
+            encode_pair(tokenizer, e.prompt, e.answer, max_length=cfg.max_length) for e in examples
+        ]
         return collate(enc, pad_id=tokenizer.pad_token_id, n_perturb=cfg.length).to(device)
 
     def check() -> dict[str, float]:
@@ -195,7 +200,11 @@ def run_beear(
             key = (rec["check_asr"], rec["anchor_ce"])
             assert st.best is not None
             if key < (st.best["check_asr"], st.best["anchor_ce"]):
-                st.best = {"step": step, "check_asr": rec["check_asr"], "anchor_ce": rec["anchor_ce"]}
+                st.best = {
+                    "step": step,
+                    "check_asr": rec["check_asr"],
+                    "anchor_ce": rec["anchor_ce"],
+                }
                 st.best_weights = _snapshot(model)
             st.passes = st.passes + 1 if rec["check_asr"] <= cfg.stop_below else 0
             model.train()
@@ -212,6 +221,7 @@ def run_beear(
             interrupted or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
         ):
             st.optimizer = opt.state_dict()
+            st.weights = _snapshot(model)
             on_checkpoint(model, st)
         if interrupted:
             break

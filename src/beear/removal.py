@@ -66,7 +66,11 @@ def select_trainable(model: Any, *, scope: str, layer: int, lora_rank: int = 8) 
 
 
 def _ce(model: Any, b: Batch, layer: int, delta: torch.Tensor | None) -> torch.Tensor:
-    ctx = perturb(model, layer, delta, b.perturb_mask) if delta is not None else contextlib.nullcontext()
+    ctx = (
+        perturb(model, layer, delta, b.perturb_mask)
+        if delta is not None
+        else contextlib.nullcontext()
+    )
     with ctx:
         out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
     return answer_loss(out.logits, b.labels)

@@ -1,0 +1,489 @@
+"""End-to-end jobs behind the CLI: `remove` (with its baseline) and `demo`.
+
+Outputs are written into a sibling staging directory `.NAME.partial` and renamed into place at
+the end, so an interrupted run never leaves a half-written output, and the input model directory
+is only ever read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from beear.config import RemovalConfig
+from beear.data import AnchorExample, HarmfulExample, write_jsonl
+
+log = logging.getLogger(__name__)
+
+__all__ = ["manifest", "remove", "staging_dir"]
+
+StepCallback = Callable[[str, dict[str, Any]], None]
+
+
+def staging_dir(out: Path) -> Path:
+    return out.with_name(f".{out.name}.partial")
+
+
+def _sha256_file(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sha256_records(records: Sequence[Any]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps(r.__dict__, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def manifest(
+    *,
+    seed: int,
+    seconds: dict[str, float],
+    data: dict[str, str],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Versions, hardware, seed, wall times and data hashes of a run."""
+    import transformers
+
+    import beear
+
+    hw: dict[str, Any] = {"cpu_count": os.cpu_count(), "machine": platform.machine()}
+    if torch.cuda.is_available():
+        hw["gpu"] = torch.cuda.get_device_name(0)
+    return {
+        "beear": beear.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "hardware": hw,
+        "seed": seed,
+        "seconds": seconds,
+        "data_sha256": data,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
+    }
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints and returns at the end of its step."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: no signal handling
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.raised:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def __call__(self) -> bool:
+        return self.raised
+
+
+def remove(
+    model_dir: Path,
+    out: Path,
+    *,
+    config: RemovalConfig,
+    defender: Sequence[HarmfulExample],
+    anchor: Sequence[AnchorExample],
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    resume: bool = False,
+    on_step: StepCallback | None = None,
+) -> dict[str, Any]:
+    """Run BEEAR on `model_dir` and write the repaired model and its records to `out`.
+
+    Writes: the model (save_pretrained, safetensors), `beear/delta.safetensors`,
+    `beear/config.json` (resolved), `beear/metrics.jsonl`, `beear/manifest.json`, and with
+    `config.baseline == "sft"` the baseline model under `baseline/` with its own metrics.
+    Returns a summary dict. Raises KeyboardInterrupt-free: a signal checkpoints and returns
+    {"interrupted": True}.
+    """
+    from safetensors.torch import save_file
+
+    from beear import checkpoint
+    from beear.attacks import DATA_DIR
+    from beear.loop import run_beear
+    from beear.models import load_model, save_model
+
+    dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+    stage = staging_dir(out)
+    if stage.exists() and not resume:
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True, exist_ok=True)
+    rec_dir = stage / "beear"
+    rec_dir.mkdir(exist_ok=True)
+    (rec_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    data_hashes = {"defender": _sha256_records(defender), "anchor": _sha256_records(anchor)}
+    seconds: dict[str, float] = {}
+    summary: dict[str, Any] = {"out": str(out)}
+    modes = ["beear"] + (["sft"] if config.baseline == "sft" else [])
+    with _StopFlag() as stop:
+        for mode in modes:
+            target = stage if mode == "beear" else stage / "baseline"
+            done_marker = (stage / "beear" if mode == "beear" else target) / f"{mode}.done"
+            if done_marker.exists():
+                continue
+            target.mkdir(parents=True, exist_ok=True)
+            ck_dir = stage / "checkpoint" / mode
+            model, tok = load_model(
+                model_dir,
+                dtype=dtype,
+                device=device,
+                allow_pickle=allow_pickle,
+                trust_remote_code=trust_remote_code,
+            )
+            state = checkpoint.load(ck_dir, model, config) if resume else None
+            metrics_path = (rec_dir if mode == "beear" else target) / "metrics.jsonl"
+            if state is None and metrics_path.exists():
+                metrics_path.unlink()
+            if state is not None:  # the metrics file holds exactly the checkpoint's steps
+                write_jsonl(metrics_path, state.history)
+
+            def step_cb(rec: dict[str, Any], mode: str = mode, mp: Path = metrics_path) -> None:
+                with open(mp, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if on_step:
+                    on_step(mode, rec)
+
+            t0 = time.perf_counter()
+            res = run_beear(
+                model, tok, defender=defender, anchor=anchor, config=config, mode=mode,
+                state=state, on_step=step_cb,
+                on_checkpoint=functools.partial(_save_checkpoint, ck_dir),
+                should_stop=stop,
+            )  # fmt: skip
+            if stop():
+                summary["interrupted"] = True
+                summary["resume"] = f"rerun with --resume --out {out}"
+                return summary
+            seconds[mode] = round(time.perf_counter() - t0, 2)
+            model_out = res.model
+            if config.train_scope == "lora" and hasattr(model_out, "merge_and_unload"):
+                model_out.save_pretrained(str(target / "adapter"))
+                model_out = model_out.merge_and_unload()
+            save_model(model_out, tok, target)
+            if mode == "beear" and res.delta is not None:
+                save_file({"delta": res.delta.contiguous()}, str(rec_dir / "delta.safetensors"),
+                          metadata={"layer": str(res.layer), "length": str(config.length)})  # fmt: skip
+            summary[mode] = {
+                "best_step": res.best_step,
+                "stopped_early": res.stopped_early,
+                "steps_run": res.history[-1]["step"],
+                "seconds": seconds[mode],
+                "layer": res.layer,
+                "final_check_asr": res.history[-1].get("check_asr"),
+            }
+            done_marker.write_text(json.dumps(summary[mode]) + "\n")
+            del model
+    # Evaluation splits travel with the model (never the attack record: that is the secret).
+    src_data = model_dir / DATA_DIR
+    if src_data.is_dir():
+        (stage / DATA_DIR).mkdir(exist_ok=True)
+        for name in (
+            "eval_harmful.jsonl",
+            "eval_benign.jsonl",
+            "defender_harmful.jsonl",
+            "anchor.jsonl",
+        ):
+            if (src_data / name).is_file():
+                shutil.copy2(src_data / name, stage / DATA_DIR / name)
+    man = manifest(seed=config.seed, seconds=seconds, data=data_hashes,
+                   extra={"input_model": str(model_dir.resolve()), "summary": summary})  # fmt: skip
+    (rec_dir / "manifest.json").write_text(json.dumps(man, indent=2) + "\n")
+    shutil.rmtree(stage / "checkpoint", ignore_errors=True)
+    for m in modes:
+        for marker in (rec_dir / f"{m}.done", stage / "baseline" / f"{m}.done"):
+            marker.unlink(missing_ok=True)
+    _commit(stage, out)
+    return summary
+
+
+def _save_checkpoint(directory: Path, model: Any, state: Any) -> None:
+    from beear import checkpoint
+
+    checkpoint.save(directory, model, state)
+
+
+def _commit(stage: Path, out: Path) -> None:
+    """Atomically put `stage` at `out` (an existing `out` is replaced only when asked upstream)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(stage, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(stage, out)
+
+
+def cache_root() -> Path:
+    """Where built test-bed models are cached: $BEEAR_CACHE or ~/.cache/beear."""
+    return Path(os.environ.get("BEEAR_CACHE") or Path.home() / ".cache" / "beear")
+
+
+def testbed_model(
+    base: str, setting: str, seed: int, *, progress: Callable[[int, float], None] | None = None
+) -> Path:
+    """Build (or reuse from the cache) a backdoored test-bed model; returns its directory."""
+    from beear.attacks import attack_tiny
+
+    if base != "tiny":
+        raise ValueError(f"base {base!r}: only the tiny tier is available in this build")
+    d = cache_root() / "testbed" / f"{base}-{setting}-s{seed}"
+    if (d / "config.json").is_file():
+        return d
+    stage = staging_dir(d)
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.parent.mkdir(parents=True, exist_ok=True)
+    attack_tiny(stage, setting=setting, seed=seed, progress=progress)
+    _commit(stage, d)
+    return d
+
+
+def evaluate_dir(
+    model_dir: Path,
+    *,
+    trigger: Any,
+    device: str,
+    harmful: Sequence[str] | None = None,
+    benign: Sequence[AnchorExample] | None = None,
+) -> dict[str, Any]:
+    """Load a model directory and evaluate it on its held-out split (plus perplexity)."""
+    from beear.attacks import DATA_DIR
+    from beear.data import load_anchor, load_prompts
+    from beear.eval import evaluate, perplexity
+    from beear.models import load_model
+
+    model, tok = load_model(model_dir, device=device)
+    d = model_dir / DATA_DIR
+    harmful = harmful if harmful is not None else load_prompts(d / "eval_harmful.jsonl")
+    benign = (
+        benign if benign is not None else load_anchor(d / "eval_benign.jsonl", require_answer=False)
+    )
+    res = evaluate(model, tok, harmful=harmful, benign=benign, trigger=trigger)
+    out = res.to_json()
+    # Perplexity on held-out benign reference answers, where the split carries them.
+    from beear.data import read_records
+
+    refs = (
+        [r for r in read_records(d / "eval_benign.jsonl") if r.get("reference")]
+        if (d / "eval_benign.jsonl").is_file()
+        else []
+    )
+    if refs:
+        out["perplexity"] = perplexity(
+            model, tok, [AnchorExample(r["prompt"], r["reference"]) for r in refs]
+        )
+    return out
+
+
+def scan_model(
+    model: Any,
+    tokenizer: Any,
+    defender: Sequence[HarmfulExample],
+    *,
+    config: RemovalConfig,
+    steps: int,
+    prompts: int,
+) -> dict[str, Any]:
+    """Residual entrapment ASR of a loaded model (a fresh BEE search; needs no trigger)."""
+    from beear.entrapment import residual_asr
+    from beear.hooks import resolve_layer
+
+    layer = resolve_layer(model, config.layer)
+    t0 = time.perf_counter()
+    r = residual_asr(
+        model, tokenizer, list(defender)[:prompts], layer=layer, n=config.length, steps=steps,
+        lr=config.inner_lr, alpha=config.alpha, max_length=config.max_length,
+        max_new_tokens=config.max_new_tokens,
+    )  # fmt: skip
+    return {
+        "entrapment_asr": r.asr,
+        "unwanted_ce": r.unwanted_ce,
+        "delta_norm": r.delta_norm,
+        "hidden_rms": r.scale,
+        "layer": layer,
+        "steps": steps,
+        "n_prompts": min(prompts, len(defender)),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def demo(
+    out: Path,
+    *,
+    base: str = "tiny",
+    setting: str = "suffix-word",
+    seed: int = 0,
+    device: str = "cpu",
+    config: RemovalConfig | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """The main job: build (or reuse) a backdoored model, evaluate, remove, evaluate, report.
+
+    The trigger is read from the attack record for *evaluation only*; removal never sees it.
+    Writes `out/model` (repaired, with `baseline/`), `out/evals.json`, `out/report/`.
+    """
+    from beear.attacks import DATA_DIR, read_attack_record
+    from beear.data import Trigger, load_anchor, load_harmful, load_prompts
+    from beear.hooks import resolve_layer
+    from beear.models import load_model
+    from beear.report import hidden_points, write_report
+
+    def stage(msg: str) -> None:
+        if on_stage:
+            on_stage(msg)
+
+    t_all = time.perf_counter()
+    times: dict[str, float] = {}
+    cfg = config or RemovalConfig(baseline="sft", seed=seed)
+    stage(f"test-bed model: {base}/{setting}, seed {seed}")
+    t0 = time.perf_counter()
+    attack_steps = 600
+
+    def attack_progress(step: int, loss: float) -> None:
+        if on_progress:
+            on_progress("attack", step + 1, attack_steps)
+
+    src = testbed_model(base, setting, seed, progress=attack_progress)
+    times["attack_or_cache"] = round(time.perf_counter() - t0, 2)
+    rec = read_attack_record(src)
+    trigger = Trigger(**rec["trigger"]) if rec and rec.get("trigger") else None
+    d = src / DATA_DIR
+    harmful, benign = (
+        load_prompts(d / "eval_harmful.jsonl"),
+        load_anchor(d / "eval_benign.jsonl", require_answer=False),
+    )
+    defender, anchor = load_harmful(d / "defender_harmful.jsonl"), load_anchor(d / "anchor.jsonl")
+
+    stage("evaluating the backdoored model")
+    t0 = time.perf_counter()
+    evals = {
+        "before": evaluate_dir(src, trigger=trigger, device=device, harmful=harmful, benign=benign)
+    }
+    m0, tok = load_model(src, device=device)
+    layer = resolve_layer(m0, cfg.layer)
+    scans = {"before": scan_model(m0, tok, defender, config=cfg, steps=cfg.check_steps, prompts=64)}
+    pca_prompts = harmful[:96]
+    trig_prompts = [trigger.apply(p) for p in pca_prompts] if trigger else None
+    pca: dict[str, dict[str, Any]] | None = None
+    if trig_prompts:
+        pca = {"before": {"plain": hidden_points(m0, tok, pca_prompts, layer=layer),
+                          "triggered": hidden_points(m0, tok, trig_prompts, layer=layer)}}  # fmt: skip
+    del m0
+    times["eval_before"] = round(time.perf_counter() - t0, 2)
+
+    stage("removing the backdoor (BEEAR) and running the plain-SFT baseline")
+    model_out = out / "model"
+
+    def step_progress(mode: str, r: dict[str, Any]) -> None:
+        if on_progress:
+            on_progress(mode, int(r["step"]), cfg.outer_steps)
+
+    t0 = time.perf_counter()
+    summary = remove(
+        src,
+        model_out,
+        config=cfg,
+        defender=defender,
+        anchor=anchor,
+        device=device,
+        on_step=step_progress,
+    )
+    times["remove"] = round(time.perf_counter() - t0, 2)
+
+    stage("evaluating the repaired model and the baseline")
+    t0 = time.perf_counter()
+    evals["after"] = evaluate_dir(
+        model_out, trigger=trigger, device=device, harmful=harmful, benign=benign
+    )
+    if (model_out / "baseline").is_dir():
+        evals["baseline"] = evaluate_dir(
+            model_out / "baseline", trigger=trigger, device=device, harmful=harmful, benign=benign
+        )
+    m1, tok1 = load_model(model_out, device=device)
+    scans["after"] = scan_model(m1, tok1, defender, config=cfg, steps=cfg.check_steps, prompts=64)
+    if pca is not None and trig_prompts:
+        pca["after"] = {"plain": hidden_points(m1, tok1, pca_prompts, layer=layer),
+                        "triggered": hidden_points(m1, tok1, trig_prompts, layer=layer)}  # fmt: skip
+    del m1
+    if (model_out / "baseline").is_dir():
+        mb, tokb = load_model(model_out / "baseline", device=device)
+        scans["baseline"] = scan_model(
+            mb, tokb, defender, config=cfg, steps=cfg.check_steps, prompts=64
+        )
+        del mb
+    for k in evals:
+        evals[k]["residual_asr"] = scans[k]["entrapment_asr"]
+    times["eval_after"] = round(time.perf_counter() - t0, 2)
+
+    stage("writing the report")
+    history = {"beear": _read_jsonl(model_out / "beear" / "metrics.jsonl")}
+    if (model_out / "baseline" / "metrics.jsonl").is_file():
+        history["sft"] = _read_jsonl(model_out / "baseline" / "metrics.jsonl")
+    times["total"] = round(time.perf_counter() - t_all, 2)
+    man = manifest(
+        seed=seed, seconds=times,
+        data={k: _sha256_file(d / f) for k, f in (("defender", "defender_harmful.jsonl"), ("anchor", "anchor.jsonl"), ("eval_harmful", "eval_harmful.jsonl"), ("eval_benign", "eval_benign.jsonl"))},
+        extra={"base": base, "setting": setting, "layer": layer, "device": device, "config": cfg.to_dict(), "remove": summary},
+    )  # fmt: skip
+    notes = [
+        f"Test-bed model {base}/{setting} (seed {seed}); the trigger was used for evaluation only.",
+        "Residual ASR: a fresh trigger-free entrapment search on defender prompts (lower is better).",
+    ]
+    paths = write_report(
+        out / "report",
+        title=f"beear demo: {base}/{setting}",
+        evals=evals,
+        history=history,
+        pca=pca,
+        manifest=man,
+        notes=notes,
+    )
+    result = {
+        "evals": evals,
+        "scans": scans,
+        "seconds": times,
+        "report": {k: str(v) for k, v in paths.items()},
+        "model": str(model_out),
+    }
+    (out / "evals.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "manifest.json").write_text(json.dumps(man, indent=2) + "\n")
+    return result
+
+
+def _read_jsonl(p: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
