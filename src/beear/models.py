@@ -92,7 +92,7 @@ def load_model(
                 f"{p} needs custom code to load; pass --trust-remote-code only if you trust it"
             ) from None
         raise
-    model = model.to(torch.device(device))
+    model.to(torch.device(device))  # type: ignore[arg-type]
     tok = load_tokenizer(p, trust_remote_code=trust_remote_code)
     return model, tok
 
