@@ -391,6 +391,7 @@ def attack_tiny(
     lr: float = 1e-3,
     batch_size: int = 16,
     progress: Callable[[int, float], None] | None = None,
+    device: str = "cpu",
 ) -> AttackResult:
     """Train a tiny backdoored chat model from scratch and write it with its data splits.
 
@@ -413,12 +414,13 @@ def attack_tiny(
         texts += [trigger.apply(p) for p in corpus.eval_harmful[:50]]
     tok = build_tokenizer(texts)
     model = build_tiny_model(len(tok), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, seed=seed)
+    model.to(device)
     losses = train_sft(
         model, tok, pairs, steps=steps, lr=lr, batch_size=batch_size, seed=seed, progress=progress
     )
     seconds = time.perf_counter() - t0
     out = Path(out)
-    save_model(model, tok, out)
+    save_model(model.to("cpu"), tok, out)
     write_splits(
         out,
         defender=corpus.defender_harmful,

