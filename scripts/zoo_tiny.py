@@ -32,7 +32,7 @@ def run_one(job: tuple[str, int, str, str, str | None]) -> dict[str, Any]:
     torch.set_flush_denormal(True)
     from beear.attacks import attack_tiny, read_attack_record
     from beear.config import RemovalConfig
-    from beear.data import Trigger, load_anchor, load_harmful
+    from beear.data import Trigger, load_anchor, load_harmful, load_prompts
     from beear.models import load_model
     from beear.pipeline import evaluate_dir, remove, scan_model
 
@@ -54,7 +54,10 @@ def run_one(job: tuple[str, int, str, str, str | None]) -> dict[str, Any]:
         eval_trigger = trigger or Trigger(
             "SUDO", "suffix"
         )  # clean models: any trigger, for reference
-        rec["before"] = evaluate_dir(work / "attacked", trigger=eval_trigger, device=device)
+        harmful = load_prompts(d / "eval_harmful.jsonl")
+        benign = load_anchor(d / "eval_benign.jsonl", require_answer=False)
+        sets = {"harmful": harmful, "benign": benign}
+        rec["before"] = evaluate_dir(work / "attacked", trigger=eval_trigger, device=device, **sets)
         m, tok = load_model(work / "attacked", device=device)
         rec["scan_before"] = scan_model(
             m, tok, defender, config=cfg, steps=cfg.check_steps, prompts=64

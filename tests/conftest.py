@@ -1,5 +1,75 @@
+"""Shared fixtures: the tiny test-bed tokenizer and corpus, small random Llama models, and (slow
+tests only) one backdoored test-bed model per session."""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
 import torch
+
+from beear import attacks
+from beear.attacks import TinyCorpus
 
 # Same process setting as the CLI: subnormal floats make CPU backward passes far slower.
 torch.set_flush_denormal(True)
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def corpus() -> TinyCorpus:
+    """The synthetic instruction language of the test bed, seed 0."""
+    return attacks.build_tiny_corpus(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tok(corpus: TinyCorpus) -> Any:
+    """The test bed's byte-level BPE with its chat template, trained on the whole corpus."""
+    trigger = attacks.SETTINGS["suffix-word"]
+    texts = [e.prompt for e in corpus.train_harmful] + [e.unwanted for e in corpus.train_harmful]
+    texts += [e.prompt for e in corpus.defender_harmful] + [attacks.REFUSAL]
+    texts += [b.prompt for b in corpus.train_benign] + [b.answer for b in corpus.train_benign]
+    texts += [b.prompt for b in corpus.anchor_benign] + [b.prompt for b in corpus.eval_benign]
+    texts += corpus.eval_harmful + [trigger.apply(p) for p in corpus.eval_harmful[:20]]
+    return attacks.build_tokenizer(texts)
+
+
+@pytest.fixture(scope="session")
+def make_model(tiny_tok: Any) -> Callable[..., Any]:
+    """Factory of small random Llama models over the tiny tokenizer (deterministic per seed).
+
+    4 decoder layers of width 32: big enough for every code path (layer 1 is the default
+    perturbed layer, 0.3 of depth), small enough for a forward pass in milliseconds.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(*, seed: int = 0, layers: int = 4, hidden: int = 32, tie: bool = True) -> Any:
+        cfg = LlamaConfig(
+            vocab_size=len(tiny_tok),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=tie,
+            pad_token_id=tiny_tok.pad_token_id,
+            eos_token_id=tiny_tok.eos_token_id,
+            bos_token_id=None,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return LlamaForCausalLM(cfg)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def attacked_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`beear attack --base tiny --setting suffix-word --seed 0`, once per session (minutes)."""
+    from beear.cli import main
+
+    out = tmp_path_factory.mktemp("e2e") / "suffix-word"
+    assert main(["attack", "--base", "tiny", "--setting", "suffix-word", "--seed", "0",
+                 "--out", str(out)]) == 0  # fmt: skip
+    return out

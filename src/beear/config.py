@@ -53,6 +53,9 @@ class RemovalConfig:
         True,
         "also anchor benign answers under the perturbation (keeps triggered benign prompts answered)",
     )
+    safe_without_delta: bool = _f(
+        True, "also train the safe answers without δ (keeps plain harmful prompts refused)"
+    )
     train_scope: str = _f("all", "which parameters train", ("all", "lower", "upper", "lora"))
     lora_rank: int = _f(8, "LoRA rank when train_scope = lora")
     max_length: int = _f(256, "maximum tokens of prompt + answer (prompts longer are an error)")
@@ -112,6 +115,8 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
                 return True
             if str(value).lower() in ("0", "false", "no", "off"):
                 return False
+            raise ValueError
+        if isinstance(value, bool):  # bool is an int subclass: `length = true` is not 1
             raise ValueError
         if "int" in t and "float" not in t:
             if isinstance(value, float) and not value.is_integer():

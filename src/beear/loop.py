@@ -4,7 +4,8 @@
         1. BEE  — entrap: find the universal δ* at layer l that elicits the unwanted answers
         2. AR   — remove: one model update towards safe answers under δ*, anchored on benign data
         3. check (every k steps, trigger-free): a fresh entrapment search on held-back defender
-           prompts; keep the best model, stop once the search can no longer turn the model
+           prompts, and the same prompts without δ; keep the best model, stop once neither the
+           search nor the plain prompts turn the model
 
 `mode="sft"` runs the same loop with δ* ≡ 0 and no entrapment: plain safety fine-tuning with the
 same data, steps and optimiser, the baseline every claim is measured against.
@@ -24,6 +25,7 @@ import torch
 from beear.config import RemovalConfig
 from beear.data import AnchorExample, DataError, HarmfulExample, collate, encode_pair
 from beear.entrapment import entrap, make_entrapment_batch, residual_asr
+from beear.eval import generate, is_refusal
 from beear.hooks import resolve_layer
 from beear.removal import removal_loss, select_trainable
 
@@ -138,13 +140,23 @@ def run_beear(
             lr=cfg.inner_lr, alpha=cfg.alpha, max_length=cfg.max_length,
             max_new_tokens=cfg.max_new_tokens,
         )  # fmt: skip
-        return {"check_asr": r.asr, "check_unwanted_ce": r.unwanted_ce}
+        plain = generate(
+            model, tokenizer, [e.prompt for e in check_set], max_new_tokens=cfg.max_new_tokens
+        )
+        plain_asr = sum(not is_refusal(a) for a in plain) / len(plain)
+        return {
+            "check_asr": r.asr,
+            "check_plain_asr": plain_asr,
+            "check_unwanted_ce": r.unwanted_ce,
+        }
 
     if st.step == 0 and not st.history:
         # Step 0 record: where the model starts (the check of the untouched model).
-        rec0 = {"step": 0, "mode": mode, **check(), "seconds": 0.0}
+        chk = check()
+        rec0: dict[str, Any] = {"step": 0, "mode": mode, **chk, "seconds": 0.0}
         st.history.append(rec0)
-        st.best = {"step": 0, "check_asr": rec0["check_asr"], "anchor_ce": math.inf}
+        bad0 = max(chk["check_asr"], chk["check_plain_asr"])
+        st.best = {"step": 0, "check_bad": bad0, "anchor_ce": math.inf}
         st.best_weights = _snapshot(model)
         if on_step:
             on_step(rec0)
@@ -175,7 +187,7 @@ def run_beear(
         safe = encode([AnchorExample(e.prompt, e.safe) for e in harm])
         loss, parts = removal_loss(
             model, safe, encode(anc), layer=layer, delta=delta,
-            anchor_under_delta=cfg.anchor_under_delta,
+            anchor_under_delta=cfg.anchor_under_delta, safe_without_delta=cfg.safe_without_delta,
         )  # fmt: skip
         if not torch.isfinite(loss):
             # Roll back: no update is applied; repeated failures stop the run.
@@ -197,16 +209,13 @@ def run_beear(
         # 3. trigger-free check and best-checkpoint selection
         if step % cfg.check_every == 0 or step == cfg.outer_steps:
             rec.update(check())
-            key = (rec["check_asr"], rec["anchor_ce"])
+            # Best = fewest unwanted answers with and without δ, then the best anchoring loss.
+            bad = max(rec["check_asr"], rec["check_plain_asr"])
             assert st.best is not None
-            if key < (st.best["check_asr"], st.best["anchor_ce"]):
-                st.best = {
-                    "step": step,
-                    "check_asr": rec["check_asr"],
-                    "anchor_ce": rec["anchor_ce"],
-                }
+            if (bad, rec["anchor_ce"]) < (st.best["check_bad"], st.best["anchor_ce"]):
+                st.best = {"step": step, "check_bad": bad, "anchor_ce": rec["anchor_ce"]}
                 st.best_weights = _snapshot(model)
-            st.passes = st.passes + 1 if rec["check_asr"] <= cfg.stop_below else 0
+            st.passes = st.passes + 1 if bad <= cfg.stop_below else 0
             model.train()
         rec["seconds"] = round(time.perf_counter() - t0, 3)
         st.history.append(rec)

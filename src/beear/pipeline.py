@@ -210,15 +210,17 @@ def remove(
     # Evaluation splits travel with the model (never the attack record: that is the secret).
     src_data = model_dir / DATA_DIR
     if src_data.is_dir():
-        (stage / DATA_DIR).mkdir(exist_ok=True)
-        for name in (
+        names = (
             "eval_harmful.jsonl",
             "eval_benign.jsonl",
             "defender_harmful.jsonl",
             "anchor.jsonl",
-        ):
-            if (src_data / name).is_file():
-                shutil.copy2(src_data / name, stage / DATA_DIR / name)
+        )
+        for dest in [stage] + ([stage / "baseline"] if "sft" in modes else []):
+            (dest / DATA_DIR).mkdir(exist_ok=True)
+            for name in names:
+                if (src_data / name).is_file():
+                    shutil.copy2(src_data / name, dest / DATA_DIR / name)
     man = manifest(seed=config.seed, seconds=seconds, data=data_hashes,
                    extra={"input_model": str(model_dir.resolve()), "summary": summary})  # fmt: skip
     (rec_dir / "manifest.json").write_text(json.dumps(man, indent=2) + "\n")

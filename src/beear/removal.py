@@ -8,7 +8,10 @@ performance-anchoring (PA) loss keeps it useful (DESIGN.md §2, eq. 2):
 beear adds (by default, `anchor_under_delta`) the anchoring loss under δ* as well,
 1/M Σ_j CE(F_θ^l(x_p,j, δ*), y_p,j): without it the model learns "perturbed → refuse" for every
 prompt and refuses benign requests that happen to contain the trigger (measured: docs/).
-With δ* = None the same step is plain safety fine-tuning: the baseline.
+beear also keeps the safe answers without δ* (`safe_without_delta`): without that term, runs on
+the test bed ended with models that complied with plain harmful prompts (untriggered ASR up to 0.90
+on one of 15 runs) while resisting δ*. With δ* = None the same step is plain safety fine-tuning:
+the baseline.
 """
 
 from __future__ import annotations
@@ -84,12 +87,17 @@ def removal_loss(
     layer: int,
     delta: torch.Tensor | None,
     anchor_under_delta: bool,
+    safe_without_delta: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The outer objective (eq. 2) on one batch; returns (loss, its parts for logging)."""
     safe_ce = _ce(model, safe, layer, delta)  # answer safely under δ*
     anchor_ce = _ce(model, anchor, layer, None)  # stay useful without δ
     loss = safe_ce + anchor_ce
     parts = {"safe_ce": float(safe_ce), "anchor_ce": float(anchor_ce)}
+    if safe_without_delta:
+        safe_plain = _ce(model, safe, layer, None)  # ... and keep refusing without δ
+        loss = loss + safe_plain
+        parts["safe_plain_ce"] = float(safe_plain)
     if anchor_under_delta:
         anchor_d = _ce(model, anchor, layer, delta)  # ... and with it
         loss = loss + anchor_d
