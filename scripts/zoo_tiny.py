@@ -24,8 +24,8 @@ from typing import Any
 SETTINGS = ["suffix-word", "suffix-phrase", "prefix-word", "prefix-phrase", "sandwich"]
 
 
-def run_one(job: tuple[str, int, str, str, str | None]) -> dict[str, Any]:
-    setting, seed, root, device, custom = job
+def run_one(job: tuple[str, int, str, str, str | None, dict[str, Any]]) -> dict[str, Any]:
+    setting, seed, root, device, custom, overrides = job
     import torch
 
     torch.set_num_threads(2)
@@ -48,7 +48,8 @@ def run_one(job: tuple[str, int, str, str, str | None]) -> dict[str, Any]:
         rec["attack_seconds"] = round(time.perf_counter() - t0, 1)
         ar = read_attack_record(work / "attacked")
         trigger = Trigger(**ar["trigger"]) if ar and ar.get("trigger") else None
-        cfg = RemovalConfig(baseline="sft" if trigger else "none", seed=seed)
+        cfg = RemovalConfig(baseline="sft" if trigger else "none", seed=seed).replace(**overrides)
+        rec["config"] = cfg.to_dict()
         d = work / "attacked" / "beear_data"
         defender = load_harmful(d / "defender_harmful.jsonl")
         eval_trigger = trigger or Trigger(
@@ -128,14 +129,25 @@ def main() -> int:
     ap.add_argument(
         "--custom", default="ünïcode zebra-42 ✓", help="a custom middle trigger run (seed 0)"
     )
+    ap.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="RemovalConfig overrides"
+    )
     args = ap.parse_args()
+    from beear.config import load_config
+
+    raw = dict(kv.split("=", 1) for kv in args.set)
+    overrides = {k: getattr(load_config(None, raw), k) for k in raw}
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
-    jobs = [(s, seed, str(root), args.device, None) for s in args.settings for seed in args.seeds]
+    jobs = [
+        (s, seed, str(root), args.device, None, overrides)
+        for s in args.settings
+        for seed in args.seeds
+    ]
     if not args.no_clean:
-        jobs += [("clean", seed, str(root), args.device, None) for seed in args.seeds]
+        jobs += [("clean", seed, str(root), args.device, None, overrides) for seed in args.seeds]
     if args.custom:
-        jobs.append(("custom", 0, str(root), args.device, args.custom))
+        jobs.append(("custom", 0, str(root), args.device, args.custom, overrides))
     t0 = time.perf_counter()
     ctx = mp.get_context("spawn")
     results = []
@@ -172,6 +184,7 @@ def main() -> int:
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "device": args.device,
         "workers": args.workers,
+        "overrides": overrides,
         "machine": {
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),

@@ -39,11 +39,15 @@ def make_model(tiny_tok: Any) -> Callable[..., Any]:
     """Factory of small random Llama models over the tiny tokenizer (deterministic per seed).
 
     4 decoder layers of width 32: big enough for every code path (layer 1 is the default
-    perturbed layer, 0.3 of depth), small enough for a forward pass in milliseconds.
+    perturbed layer, 0.3 of depth), small enough for a forward pass in milliseconds. `init`
+    is the weight scale: with the usual 0.02 a random model barely reacts to a perturbation of a
+    few prompt positions; 0.3 makes the entrapment search move the answers measurably.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    def make(*, seed: int = 0, layers: int = 4, hidden: int = 32, tie: bool = True) -> Any:
+    def make(
+        *, seed: int = 0, layers: int = 4, hidden: int = 32, tie: bool = True, init: float = 0.02
+    ) -> Any:
         cfg = LlamaConfig(
             vocab_size=len(tiny_tok),
             hidden_size=hidden,
@@ -56,6 +60,7 @@ def make_model(tiny_tok: Any) -> Callable[..., Any]:
             pad_token_id=tiny_tok.pad_token_id,
             eos_token_id=tiny_tok.eos_token_id,
             bos_token_id=None,
+            initializer_range=init,
         )
         with torch.random.fork_rng():
             torch.manual_seed(seed)

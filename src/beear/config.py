@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -93,6 +94,17 @@ class RemovalConfig:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
         if not (self.lr > 0 and self.inner_lr > 0):
             raise ConfigError("learning rates must be positive")
+        more = ("anchor_batch_size", "max_length", "check_prompts", "patience", "max_new_tokens")
+        for name in (*more, "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.checkpoint_every < 0 or self.weight_decay < 0:
+            raise ConfigError("checkpoint_every and weight_decay may not be negative")
+        for name in ("lr", "inner_lr", "alpha", "weight_decay", "stop_below"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number (got {getattr(self, name)})")
+        if not 0 <= self.seed < 2**63:  # torch.manual_seed's range
+            raise ConfigError(f"seed must be in 0..2**63-1 (got {self.seed})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -143,6 +155,8 @@ def load_config(
             raw = json.loads(p.read_text()) if p.suffix == ".json" else tomllib.loads(p.read_text())
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"{p}: malformed config ({e})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot read as UTF-8 text ({e.__class__.__name__})") from None
         raw = raw.get("remove", raw) if isinstance(raw, dict) else raw
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a table of settings")

@@ -9,6 +9,7 @@ prompts differently from training).
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ import torch
 __all__ = [
     "AnchorExample",
     "Batch",
+    "check_examples",
     "DataError",
     "Encoded",
     "HarmfulExample",
@@ -63,43 +65,63 @@ class AnchorExample:
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Read JSONL, JSON (a list), CSV, or a local Hugging Face dataset directory into dicts."""
+    """Read JSONL, JSON (a list), CSV, or a local Hugging Face dataset directory into dicts.
+
+    Any malformed input raises DataError naming the file (and the line where there is one).
+    """
     p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: no such file or directory")
-    if p.is_dir():
-        return _read_hf_dataset(p)
-    suffix = p.suffix.lower()
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        if not p.exists():
+            raise DataError(f"{p}: no such file or directory")
+        if p.is_dir():
+            return _read_hf_dataset(p)
+        # utf-8-sig: spreadsheet exports often start with a byte-order mark
+        text = p.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
         raise DataError(f"{p}: cannot read as UTF-8 text ({e.__class__.__name__})") from None
+    suffix = p.suffix.lower()
     if suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
-        for i, row in enumerate(rows, start=2):
-            if None in row or any(v is None for v in row.values()):
-                raise DataError(f"{p}:{i}: wrong number of fields for the CSV header")
-        return [dict(r) for r in rows]
+        return _read_csv(p, text)
     if suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{p}:{e.lineno}: malformed JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:  # e.g. a 5000-digit number, deep nesting
+            raise DataError(f"{p}: malformed JSON ({e.__class__.__name__})") from None
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise DataError(f"{p}: expected a JSON list of objects")
         return data
     records: list[dict[str, Any]] = []
-    for i, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also breaks at U+2028 etc., legal inside JSON strings
+    for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{p}:{i}: malformed JSON line ({e.msg})") from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{p}:{i}: malformed JSON line ({e.__class__.__name__})") from None
         if not isinstance(rec, dict):
             raise DataError(f"{p}:{i}: expected a JSON object per line")
         records.append(rec)
     return records
+
+
+def _read_csv(p: Path, text: str) -> list[dict[str, Any]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows: list[dict[str, Any]] = []
+    try:
+        for row in reader:
+            if None in row or any(v is None for v in row.values()):
+                raise DataError(f"{p}:{reader.line_num}: wrong number of fields for the CSV header")
+            rows.append(dict(row))
+    except csv.Error as e:  # e.g. an unterminated quote, a field over the size limit
+        raise DataError(f"{p}:{reader.line_num}: malformed CSV ({e})") from None
+    return rows
 
 
 def _read_hf_dataset(p: Path) -> list[dict[str, Any]]:
@@ -244,6 +266,34 @@ def encode_pair(tokenizer: Any, prompt: str, answer: str, *, max_length: int) ->
     full = full[:max_length]
     labels = [-100] * len(prompt_ids) + full[len(prompt_ids) :]
     return Encoded(input_ids=full, labels=labels, prompt_len=len(prompt_ids))
+
+
+def check_examples(
+    tokenizer: Any,
+    sets: dict[str, Sequence[HarmfulExample] | Sequence[AnchorExample]],
+    *,
+    max_length: int,
+    n_perturb: int,
+) -> None:
+    """Encode every prompt once, so a bad example fails before training rather than hours in.
+
+    Policy: prompts are never truncated (the part that may carry a trigger); answers are cut to
+    fit `max_length`. Raises DataError naming the set and record (1-based) at fault.
+    """
+    for name, examples in sets.items():
+        for i, e in enumerate(examples, start=1):
+            n = len(encode_prompt(tokenizer, e.prompt))
+            if n >= max_length:
+                raise DataError(
+                    f"{name} record {i}: the prompt is {n} tokens, longer than --max-length "
+                    f"{max_length} (prompts are never truncated, answers are cut to fit): raise "
+                    "--max-length or shorten the prompt"
+                )
+            if n < n_perturb:
+                raise DataError(
+                    f"{name} record {i}: the prompt is {n} tokens, shorter than the perturbation "
+                    f"length --length {n_perturb}: lower --length"
+                )
 
 
 @dataclass

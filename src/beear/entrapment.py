@@ -11,6 +11,7 @@ inner step runs only layers l+1..L (`substitute`). δ lives in float32 whatever 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,7 +110,9 @@ def entrap(
         if init is not None:
             delta.copy_(init)
         delta.requires_grad_(True)
-        opt = torch.optim.Adam([delta], lr=lr * scale)
+        # Overflowed hidden states (inf/NaN scale) search nothing; the caller sees the non-finite
+        # losses (Adam itself rejects a NaN learning rate with an unrelated message).
+        opt = torch.optim.Adam([delta], lr=lr * scale if math.isfinite(scale) else 0.0)
 
         def ce(b: Batch, h: torch.Tensor) -> torch.Tensor:
             if cached:
@@ -131,7 +134,7 @@ def entrap(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         with torch.no_grad():
             final = float(ce(batch.unwanted, h_unw))
     finally:

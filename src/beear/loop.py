@@ -189,20 +189,23 @@ def run_beear(
             model, safe, encode(anc), layer=layer, delta=delta,
             anchor_under_delta=cfg.anchor_under_delta, safe_without_delta=cfg.safe_without_delta,
         )  # fmt: skip
-        if not torch.isfinite(loss):
-            # Roll back: no update is applied; repeated failures stop the run.
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            # A finite loss can still overflow in the backward pass.
+            finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, 1.0)))
+        if not finite:
+            # Roll back: no update is applied; three failures in a row stop the run.
             opt.zero_grad(set_to_none=True)
             st.bad_steps += 1
             if st.bad_steps >= 3:
                 raise NonFiniteLoss(
-                    f"non-finite loss at outer step {step} three times in a row; lower --lr "
-                    "or use --dtype float32"
+                    f"non-finite loss or gradients at outer step {step} three times in a row (no "
+                    "update was applied); lower --lr or --inner-lr, or use --dtype float32"
                 )
             continue
         st.bad_steps = 0
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         rec.update(loss=float(loss), **parts)
 

@@ -25,17 +25,49 @@ from typing import Any
 import torch
 
 from beear.config import RemovalConfig
-from beear.data import AnchorExample, HarmfulExample, write_jsonl
+from beear.data import AnchorExample, HarmfulExample, check_examples, write_jsonl
 
 log = logging.getLogger(__name__)
 
-__all__ = ["manifest", "remove", "staging_dir"]
+__all__ = ["manifest", "remove", "resumable", "staging_dir"]
 
 StepCallback = Callable[[str, dict[str, Any]], None]
 
 
 def staging_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.partial")
+
+
+def resumable(out: Path) -> bool:
+    """Whether `out` has an interrupted run's state that `remove(..., resume=True)` continues."""
+    stage = staging_dir(Path(out))
+    ck = stage / "checkpoint"
+    return (stage / "beear" / "beear.done").is_file() or any(
+        (ck / d / "state.json").is_file() for d in ("beear", "beear.old", "sft", "sft.old")
+    )
+
+
+def _check_same_run(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """A resumed run must use the settings, data and model of the run it continues."""
+    from beear.config import ConfigError
+
+    diffs = [
+        f"{k}: {old['config'].get(k)!r} -> {v!r}"
+        for k, v in new["config"].items()
+        if k != "checkpoint_every" and old["config"].get(k) != v
+    ]
+    diffs += [
+        f"the {k} data changed"
+        for k, v in new["data_sha256"].items()
+        if old["data_sha256"].get(k) != v
+    ]
+    if old.get("input_model") != new["input_model"]:
+        diffs.append(f"model: {old.get('input_model')} -> {new['input_model']}")
+    if diffs:
+        raise ConfigError(
+            f"--resume with settings that differ from the interrupted run ({'; '.join(diffs)}); "
+            "rerun with the same settings, or pass --overwrite without --resume to start over"
+        )
 
 
 def _sha256_file(p: Path) -> str:
@@ -119,6 +151,7 @@ def remove(
     device: str = "cpu",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    chat_template: str | None = None,
     resume: bool = False,
     on_step: StepCallback | None = None,
 ) -> dict[str, Any]:
@@ -128,8 +161,36 @@ def remove(
     `beear/config.json` (resolved), `beear/metrics.jsonl`, `beear/manifest.json`, and with
     `config.baseline == "sft"` the baseline model under `baseline/` with its own metrics.
     Returns a summary dict. Raises KeyboardInterrupt-free: a signal checkpoints and returns
-    {"interrupted": True}.
+    {"interrupted": True}. `resume=True` continues from the checkpoint in the staging directory
+    (same settings, data and model required); the result is bit-identical on CPU to an
+    uninterrupted run. A run that fails leaves nothing behind but a resumable checkpoint.
     """
+    try:
+        return _remove(
+            model_dir, out, config=config, defender=defender, anchor=anchor, device=device,
+            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+            chat_template=chat_template, resume=resume, on_step=on_step,
+        )  # fmt: skip
+    except Exception:
+        if not resumable(out):
+            shutil.rmtree(staging_dir(out), ignore_errors=True)
+        raise
+
+
+def _remove(
+    model_dir: Path,
+    out: Path,
+    *,
+    config: RemovalConfig,
+    defender: Sequence[HarmfulExample],
+    anchor: Sequence[AnchorExample],
+    device: str,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+    chat_template: str | None,
+    resume: bool,
+    on_step: StepCallback | None,
+) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from beear import checkpoint
@@ -139,13 +200,20 @@ def remove(
 
     dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
     stage = staging_dir(out)
+    data_hashes = {"defender": _sha256_records(defender), "anchor": _sha256_records(anchor)}
+    run_info = {"config": config.to_dict(), "data_sha256": data_hashes,
+                "input_model": str(Path(model_dir).resolve())}  # fmt: skip
+    info_path = stage / "checkpoint" / "run.json"
+    if resume and info_path.is_file():
+        _check_same_run(json.loads(info_path.read_text()), run_info)
     if stage.exists() and not resume:
         shutil.rmtree(stage)
     stage.mkdir(parents=True, exist_ok=True)
+    info_path.parent.mkdir(exist_ok=True)
+    info_path.write_text(json.dumps(run_info, indent=2) + "\n")
     rec_dir = stage / "beear"
     rec_dir.mkdir(exist_ok=True)
     (rec_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    data_hashes = {"defender": _sha256_records(defender), "anchor": _sha256_records(anchor)}
     seconds: dict[str, float] = {}
     summary: dict[str, Any] = {"out": str(out)}
     modes = ["beear"] + (["sft"] if config.baseline == "sft" else [])
@@ -153,7 +221,8 @@ def remove(
         for mode in modes:
             target = stage if mode == "beear" else stage / "baseline"
             done_marker = (stage / "beear" if mode == "beear" else target) / f"{mode}.done"
-            if done_marker.exists():
+            if done_marker.exists():  # finished before the interruption
+                summary[mode] = json.loads(done_marker.read_text())
                 continue
             target.mkdir(parents=True, exist_ok=True)
             ck_dir = stage / "checkpoint" / mode
@@ -163,7 +232,11 @@ def remove(
                 device=device,
                 allow_pickle=allow_pickle,
                 trust_remote_code=trust_remote_code,
+                chat_template=chat_template,
             )
+            # Every example is encoded once up front: a bad one fails now, not hours in.
+            check_examples(tok, {"defender": defender, "anchor": anchor},
+                           max_length=config.max_length, n_perturb=config.length)  # fmt: skip
             state = checkpoint.load(ck_dir, model, config) if resume else None
             metrics_path = (rec_dir if mode == "beear" else target) / "metrics.jsonl"
             if state is None and metrics_path.exists():
@@ -178,12 +251,17 @@ def remove(
                     on_step(mode, rec)
 
             t0 = time.perf_counter()
-            res = run_beear(
-                model, tok, defender=defender, anchor=anchor, config=config, mode=mode,
-                state=state, on_step=step_cb,
-                on_checkpoint=functools.partial(_save_checkpoint, ck_dir),
-                should_stop=stop,
-            )  # fmt: skip
+            # LoRA initialisation draws from torch's RNG: seeded here, on a forked RNG (the
+            # caller's is left alone), so a run and its resumed continuation are reproducible.
+            dev = torch.device(device)
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                torch.manual_seed(config.seed)
+                res = run_beear(
+                    model, tok, defender=defender, anchor=anchor, config=config, mode=mode,
+                    state=state, on_step=step_cb,
+                    on_checkpoint=functools.partial(_save_checkpoint, ck_dir),
+                    should_stop=stop,
+                )  # fmt: skip
             if stop():
                 summary["interrupted"] = True
                 summary["resume"] = f"rerun with --resume --out {out}"

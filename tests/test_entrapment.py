@@ -1,0 +1,147 @@
+"""Tests for beear.entrapment (BEE, the inner problem) on a small random Llama."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from beear.data import HarmfulExample
+from beear.entrapment import answer_loss, entrap, make_entrapment_batch, residual_asr
+from beear.hooks import decoder_layers, perturb
+
+LAYER, N = 1, 5
+
+
+@pytest.fixture(scope="module")
+def examples(corpus: Any) -> list[HarmfulExample]:
+    return list(corpus.defender_harmful[:4])
+
+
+@pytest.fixture
+def model(make_model: Any) -> Any:
+    return make_model(seed=0, init=0.3)  # large weights: the answers react to δ (see conftest)
+
+
+def _batch(tok: Any, examples: list[HarmfulExample]) -> Any:
+    return make_entrapment_batch(tok, examples, n=N, max_length=96)
+
+
+def _ce_under(model: Any, b: Any, delta: torch.Tensor | None) -> float:
+    """CE of a batch's answers with δ added by the plain hook (an independent reference)."""
+    with torch.no_grad():
+        if delta is None:
+            out = model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+        else:
+            with perturb(model, LAYER, delta, b.perturb_mask):
+                out = model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+    return float(answer_loss(out.logits, b.labels))
+
+
+def test_batch_perturbs_the_same_prompt_tokens_for_both_answers(
+    tiny_tok: Any, examples: list[HarmfulExample]
+) -> None:
+    eb = _batch(tiny_tok, examples)
+    for b in (eb.unwanted, eb.safe):
+        assert b.perturb_mask.sum(dim=1).tolist() == [N] * len(examples)
+        assert (b.labels[b.perturb_mask] == -100).all()  # prompt positions only
+    assert torch.equal(
+        eb.unwanted.input_ids[eb.unwanted.perturb_mask], eb.safe.input_ids[eb.safe.perturb_mask]
+    )
+
+
+def test_entrapment_loss_falls_and_elicits_the_unwanted_answer(
+    model: Any, tiny_tok: Any, examples: list[HarmfulExample]
+) -> None:
+    eb = _batch(tiny_tok, examples)
+    res = entrap(model, eb, layer=LAYER, n=N, steps=12, lr=1.0, alpha=0.05)
+    assert len(res.losses) == 12
+    assert res.losses[-1] < res.losses[0] - 0.5, res.losses
+    assert min(res.losses[6:]) < min(res.losses[:6])  # still improving in the second half
+    assert res.delta.shape == (N, model.config.hidden_size)
+    assert res.delta.norm() > 0
+    # Under the returned δ the unwanted answers are likelier than without it, and the reported
+    # CE matches the plain (uncached) hook's.
+    before = _ce_under(model, eb.unwanted, None)
+    after = _ce_under(model, eb.unwanted, res.delta)
+    assert after < before - 0.5
+    assert res.unwanted_ce == pytest.approx(after, abs=1e-4)
+    assert res.scale > 0
+
+
+def test_entrap_leaves_the_model_unchanged(
+    model: Any, tiny_tok: Any, examples: list[HarmfulExample]
+) -> None:
+    model.model.embed_tokens.weight.requires_grad_(False)  # mixed flags must come back as they were
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    layers = list(decoder_layers(model))
+    entrap(model, _batch(tiny_tok, examples), layer=LAYER, n=N, steps=3, lr=1.0, alpha=0.05)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert flags["model.embed_tokens.weight"] is False and flags["model.norm.weight"] is True
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training
+    assert list(decoder_layers(model)) == layers  # the cached path put the real layers back
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.05])
+def test_cached_equals_uncached(
+    model: Any, tiny_tok: Any, examples: list[HarmfulExample], alpha: float
+) -> None:
+    eb = _batch(tiny_tok, examples)
+    kw: dict[str, Any] = dict(layer=LAYER, n=N, steps=5, lr=1.0, alpha=alpha)
+    fast = entrap(model, eb, cached=True, **kw)
+    ref = entrap(model, eb, cached=False, **kw)
+    assert torch.allclose(fast.delta, ref.delta, atol=1e-5, rtol=0)
+    assert fast.losses == pytest.approx(ref.losses, abs=1e-5)
+    assert fast.unwanted_ce == pytest.approx(ref.unwanted_ce, abs=1e-5)
+    assert fast.delta.norm() > 1.0  # δ really moved (otherwise equality is trivial)
+
+
+def test_delta_is_float32_in_a_bf16_model(
+    model: Any, tiny_tok: Any, examples: list[HarmfulExample]
+) -> None:
+    model = model.to(torch.bfloat16)
+    res = entrap(model, _batch(tiny_tok, examples), layer=LAYER, n=N, steps=4, lr=1.0, alpha=0.05)
+    assert res.delta.dtype == torch.float32
+    assert not res.delta.requires_grad
+    assert all(torch.isfinite(torch.tensor(x)) for x in res.losses)
+    assert res.losses[-1] < res.losses[0]
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_init_warm_starts_the_search(
+    model: Any, tiny_tok: Any, examples: list[HarmfulExample]
+) -> None:
+    eb = _batch(tiny_tok, examples)
+    init = torch.randn(N, model.config.hidden_size)
+    res = entrap(model, eb, layer=LAYER, n=N, steps=0, lr=1.0, alpha=0.05, init=init)
+    assert torch.equal(res.delta, init) and res.losses == []
+    assert res.delta.data_ptr() != init.data_ptr()  # a copy: the caller's tensor is not trained
+
+
+def test_residual_asr_counts_non_refusals(
+    model: Any, tiny_tok: Any, examples: list[HarmfulExample], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import beear.eval
+
+    # A stand-in generator: the first answer complies, the others refuse.
+    def fake_generate(_m: Any, _t: Any, prompts: list[str], **kw: Any) -> list[str]:
+        assert kw["delta"].shape == (N, model.config.hidden_size) and kw["layer"] == LAYER
+        return ["Sure, here is how."] + ["I cannot help with that."] * (len(prompts) - 1)
+
+    monkeypatch.setattr(beear.eval, "generate", fake_generate)
+    r = residual_asr(
+        model, tiny_tok, examples, layer=LAYER, n=N, steps=2, lr=1.0, alpha=0.05,
+        max_length=96, max_new_tokens=4,
+    )  # fmt: skip
+    assert r.asr == pytest.approx(1 / len(examples))
+    assert r.delta is not None and r.delta_norm == pytest.approx(float(r.delta.norm()))
+

@@ -1,0 +1,244 @@
+"""Tests for beear.loop (the bi-level BEEAR loop) on a small random Llama, CPU, seconds each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import beear.loop
+from beear import checkpoint
+from beear.config import RemovalConfig
+from beear.entrapment import ScanResult
+from beear.loop import LoopState, NonFiniteLoss, RemovalResult, run_beear
+from beear.models import load_model, save_model
+
+# Small and fast: 3 check prompts (a quarter of 12), 4 generated tokens, short searches.
+SMALL = RemovalConfig(
+    outer_steps=2, inner_steps=3, batch_size=4, anchor_batch_size=4, check_every=1,
+    check_steps=2, check_prompts=3, max_new_tokens=4, max_length=96, lr=1e-3,
+    checkpoint_every=0, seed=0,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(corpus: Any) -> dict[str, Any]:
+    return {"defender": list(corpus.defender_harmful[:12]), "anchor": list(corpus.anchor_benign[:8])}
+
+
+def _run(model: Any, tok: Any, data: dict[str, Any], cfg: RemovalConfig, **kw: Any) -> RemovalResult:
+    return run_beear(model, tok, defender=data["defender"], anchor=data["anchor"], config=cfg, **kw)
+
+
+def _weights(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _strip_times(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+# ---------------------------------------------------------------------------------------------
+# pinned two-step run
+
+# Obtained by running this exact test once (torch 2.13 CPU, transformers 5.24) and copying the
+# numbers from `res.history`. A change here means the algorithm (data order, δ search, loss terms,
+# optimiser) changed: if that was intended, re-pin and say why in the change.
+PINNED: dict[int, dict[str, float]] = {}
+
+
+def test_two_step_run_matches_pinned_losses(make_model: Any, tiny_tok: Any, data: Any) -> None:
+    model = make_model(seed=0)
+    init = _weights(model)
+    res = _run(model, tiny_tok, data, SMALL)
+    assert [r["step"] for r in res.history] == [0, 1, 2]
+    assert res.mode == "beear" and res.layer == 1 and res.delta is not None
+    assert res.delta.shape == (SMALL.length, model.config.hidden_size)
+    assert not _same(_weights(model), init) or res.best_step == 0
+    for step, pins in PINNED.items():
+        rec = res.history[step]
+        for key, value in pins.items():
+            assert rec[key] == pytest.approx(value, abs=1e-4), (step, key, rec[key])
+    assert PINNED, {r["step"]: r for r in res.history}
+
+
+# ---------------------------------------------------------------------------------------------
+# mode="sft": the baseline never searches for δ
+
+
+def test_sft_mode_never_calls_entrap(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = beear.loop.entrap
+
+    def counting(*a: Any, **kw: Any) -> Any:
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(beear.loop, "entrap", counting)
+    cfg = SMALL.replace(check_every=10)
+    model = make_model(seed=0)
+    init = _weights(model)
+    res = _run(model, tiny_tok, data, cfg, mode="sft")
+    assert calls == []
+    assert res.delta is None and res.mode == "sft"
+    for rec in res.history[1:]:
+        assert not {"bee_loss", "bee_unwanted_ce", "delta_norm"} & rec.keys()
+        assert rec["loss"] > 0
+    assert not _same(_weights(res.model), init) or res.best_step == 0
+    # The same run in beear mode searches once per outer step: the counter above can fail.
+    _run(make_model(seed=0), tiny_tok, data, cfg, mode="beear")
+    assert len(calls) == cfg.outer_steps
+    with pytest.raises(ValueError, match="is not beear or sft"):
+        _run(make_model(seed=0), tiny_tok, data, cfg, mode="dpo")
+
+
+# ---------------------------------------------------------------------------------------------
+# trigger-free check: best checkpoint and early stop (the check itself is scripted here)
+
+
+def _script_check(monkeypatch: pytest.MonkeyPatch, asrs: list[float]) -> None:
+    it = iter(asrs)
+
+    def fake_residual_asr(*_a: Any, **_kw: Any) -> ScanResult:
+        return ScanResult(asr=next(it), unwanted_ce=1.0, delta_norm=1.0, scale=1.0)
+
+    def fake_generate(_m: Any, _t: Any, prompts: list[str], **_kw: Any) -> list[str]:
+        return ["I cannot help with that."] * len(prompts)  # no plain (untriggered) compliance
+
+    monkeypatch.setattr(beear.loop, "residual_asr", fake_residual_asr)
+    monkeypatch.setattr(beear.loop, "generate", fake_generate)
+
+
+def test_best_checkpoint_is_restored(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _script_check(monkeypatch, [1.0, 0.5, 0.8, 0.9])  # steps 0..3: step 1 is the best
+    model = make_model(seed=0)
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    res = _run(model, tiny_tok, data, SMALL.replace(outer_steps=3),
+               on_step=lambda r: seen.__setitem__(r["step"], _weights(model)))  # fmt: skip
+    assert res.best_step == 1 and not res.stopped_early
+    assert [r["check_asr"] for r in res.history] == [1.0, 0.5, 0.8, 0.9]
+    final = _weights(res.model)
+    assert _same(final, seen[1])
+    assert not _same(final, seen[3]) and not _same(final, seen[0])
+
+
+def test_stops_after_patience_passing_checks(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _script_check(monkeypatch, [1.0, 0.6, 0.0, 0.0, 0.0, 0.0])
+    res = _run(make_model(seed=0), tiny_tok, data, SMALL.replace(outer_steps=6, patience=2))
+    assert res.stopped_early
+    assert [r["step"] for r in res.history] == [0, 1, 2, 3]  # passes at steps 2 and 3
+    # Equal check results are broken by the anchoring loss (the more useful model wins).
+    assert res.best_step == min((2, 3), key=lambda s: res.history[s]["anchor_ce"])
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite losses
+
+
+def _nan_first(monkeypatch: pytest.MonkeyPatch, k: int, model_ref: list[Any]) -> list[Any]:
+    """removal_loss returns NaN on its first k calls; records the weights seen at each call."""
+    real = beear.loop.removal_loss
+    seen: list[Any] = []
+
+    def patched(model: Any, *a: Any, **kw: Any) -> Any:
+        seen.append(_weights(model_ref[0]))
+        loss, parts = real(model, *a, **kw)
+        if len(seen) <= k:
+            loss = loss * float("nan")
+        return loss, parts
+
+    monkeypatch.setattr(beear.loop, "removal_loss", patched)
+    return seen
+
+
+def test_three_non_finite_losses_stop_the_run(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = make_model(seed=0)
+    init = _weights(model)
+    seen = _nan_first(monkeypatch, 3, [model])
+    with pytest.raises(NonFiniteLoss, match="three times in a row"):
+        _run(model, tiny_tok, data, SMALL.replace(outer_steps=5, check_every=10))
+    assert len(seen) == 3
+    assert _same(_weights(model), init)  # no update was applied
+
+
+def test_one_non_finite_loss_skips_the_update(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = SMALL.replace(check_every=10)
+    clean: dict[int, dict[str, torch.Tensor]] = {}
+    m0 = make_model(seed=0)
+    ref = _run(m0, tiny_tok, data, cfg, on_step=lambda r: clean.__setitem__(r["step"], _weights(m0)))
+
+    model = make_model(seed=0)
+    init = _weights(model)
+    seen = _nan_first(monkeypatch, 1, [model])
+    after: dict[int, dict[str, torch.Tensor]] = {}
+    res = _run(model, tiny_tok, data, cfg,
+               on_step=lambda r: after.__setitem__(r["step"], _weights(model)))  # fmt: skip
+    assert len(seen) == cfg.outer_steps + 1  # the NaN attempt and one call per step
+    assert _same(seen[1], init)  # the NaN step changed nothing
+    assert [r["step"] for r in res.history] == [0, 1, 2]
+    assert all(r["loss"] == r["loss"] for r in res.history[1:])  # no NaN was recorded
+    # ... so the run continues exactly like one that never saw the NaN.
+    assert _strip_times(res.history) == _strip_times(ref.history)
+    assert _same(after[2], clean[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# resume
+
+
+def test_resume_is_bit_identical(make_model: Any, tiny_tok: Any, data: Any, tmp_path: Path) -> None:
+    save_model(make_model(seed=0), tiny_tok, tmp_path / "init")
+    # Warm-started δ (delta_reset=False) so the resumed run also depends on the saved δ.
+    cfg4 = SMALL.replace(outer_steps=4, check_every=2, checkpoint_every=2, delta_reset=False)
+
+    def fresh() -> Any:
+        return load_model(tmp_path / "init")[0]
+
+    # A: four steps straight.
+    model_a = fresh()
+    at_a: dict[int, LoopState] = {}
+
+    def keep(m: Any, st: LoopState) -> None:
+        at_a[st.step] = LoopState(step=st.step, weights=dict(st.weights or {}), delta=st.delta)
+
+    res_a = _run(model_a, tiny_tok, data, cfg4, on_checkpoint=keep)
+    assert sorted(at_a) == [2, 4]
+
+    # B: two steps, checkpoint to disk, then four on a freshly loaded model.
+    ck = tmp_path / "ck"
+    res_b1 = _run(fresh(), tiny_tok, data, cfg4.replace(outer_steps=2),
+                  on_checkpoint=lambda m, st: checkpoint.save(ck, m, st))  # fmt: skip
+    assert [r["step"] for r in res_b1.history] == [0, 1, 2]
+    state = checkpoint.load(ck, None, cfg4)
+    assert state is not None and state.step == 2 and state.delta is not None
+    assert _same(state.weights or {}, at_a[2].weights or {})
+    assert torch.equal(state.delta, at_a[2].delta)
+    model_b = fresh()
+    at_b: dict[int, LoopState] = {}
+    res_b = _run(model_b, tiny_tok, data, cfg4, state=state,
+                 on_checkpoint=lambda m, st: at_b.__setitem__(st.step, LoopState(
+                     step=st.step, weights=dict(st.weights or {}))))  # fmt: skip
+    assert sorted(at_b) == [4]
+    assert _same(at_b[4].weights or {}, at_a[4].weights or {})  # last-step weights
+    assert _same(_weights(res_b.model), _weights(res_a.model))  # best-checkpoint weights
+    assert _strip_times(res_b.history) == _strip_times(res_a.history)
+    assert res_b.best_step == res_a.best_step
+    assert torch.equal(res_b.delta, res_a.delta)
+    # And the run really moved after the checkpoint (the comparison is not trivial).
+    assert not _same(at_a[4].weights or {}, at_a[2].weights or {})

@@ -1,0 +1,164 @@
+"""Tests for beear.removal (AR, the outer problem): what trains, and the removal loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from beear.data import Batch, collate, encode_pair
+from beear.hooks import perturb
+from beear.removal import SCOPES, removal_loss, select_trainable
+
+LAYER, N = 1, 5
+
+
+def _batch(tok: Any, pairs: list[tuple[str, str]]) -> Batch:
+    enc = [encode_pair(tok, p, a, max_length=96) for p, a in pairs]
+    return collate(enc, pad_id=tok.pad_token_id, n_perturb=N)
+
+
+@pytest.fixture(scope="module")
+def batches(tiny_tok: Any, corpus: Any) -> tuple[Batch, Batch]:
+    safe = _batch(tiny_tok, [(e.prompt, e.safe) for e in corpus.defender_harmful[:3]])
+    anchor = _batch(tiny_tok, [(e.prompt, e.answer) for e in corpus.anchor_benign[:3]])
+    return safe, anchor
+
+
+def _plain_ce(model: Any, b: Batch, delta: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference: mean next-token CE over the answer tokens, written out independently."""
+    with torch.no_grad():
+        if delta is None:
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        else:
+            with perturb(model, LAYER, delta, b.perturb_mask):
+                logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    tgt = b.labels[:, 1:]
+    keep = tgt != -100
+    return F.cross_entropy(logits[:, :-1][keep].float(), tgt[keep])
+
+
+def _expected_trainable(names: list[str], scope: str, tied: bool) -> set[str]:
+    def layer_of(n: str) -> int | None:
+        return int(n.split(".")[2]) if n.startswith("model.layers.") else None
+
+    if scope == "all":
+        return set(names)
+    if scope == "lower":  # embeddings (and a head tied to them) + layers 0..l
+        lower = {n for n in names if (layer_of(n) if layer_of(n) is not None else 99) <= LAYER}
+        return lower | {"model.embed_tokens.weight"}
+    # upper: layers l+1.., the final norm, an untied head; never the (tied) embedding
+    upper = {n for n in names if (layer_of(n) if layer_of(n) is not None else -1) > LAYER}
+    return upper | {"model.norm.weight"} | (set() if tied else {"lm_head.weight"})
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("scope", SCOPES)
+def test_only_selected_parameters_move(
+    make_model: Any, batches: tuple[Batch, Batch], scope: str, tied: bool
+) -> None:
+    if scope == "lora" and tied:
+        pytest.skip("LoRA adapters do not depend on tying")
+    model = make_model(seed=0, tie=tied)
+    model = select_trainable(model, scope=scope, layer=LAYER, lora_rank=4)
+    names = [n for n, _ in model.named_parameters()]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if scope == "lora":
+        assert trainable and trainable == {n for n in names if "lora_" in n}
+        assert any(n.endswith("base_layer.weight") for n in names)
+    else:
+        assert trainable == _expected_trainable(names, scope, tied)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                            weight_decay=0.0)  # fmt: skip
+    torch.manual_seed(3)
+    delta = torch.randn(N, model.config.hidden_size)
+    safe, anchor = batches
+    # Two steps: LoRA's B starts at zero, so A gets no gradient until B has moved once.
+    for _ in range(2):
+        loss, _parts = removal_loss(
+            model, safe, anchor, layer=LAYER, delta=delta, anchor_under_delta=True
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for n, p in model.named_parameters():
+        if n in trainable:
+            assert not torch.equal(p, before[n]), f"{scope}: trainable {n} did not change"
+        else:
+            assert torch.equal(p, before[n]), f"{scope}: frozen {n} changed"
+            assert p.grad is None, n
+
+
+def test_select_trainable_keeps_an_existing_adapter(make_model: Any) -> None:
+    model = select_trainable(make_model(seed=0), scope="lora", layer=LAYER, lora_rank=4)
+    n_params = len(list(model.named_parameters()))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    again = select_trainable(model, scope="lora", layer=LAYER, lora_rank=4)
+    assert again is model and len(list(again.named_parameters())) == n_params
+    assert {n for n, p in again.named_parameters() if p.requires_grad} == {
+        n for n, _ in again.named_parameters() if "lora_" in n
+    }
+    with pytest.raises(ValueError, match="train scope 'head' is not one of"):
+        select_trainable(make_model(seed=0), scope="head", layer=LAYER)
+
+
+def test_removal_loss_without_delta_is_the_sum_of_plain_ces(
+    make_model: Any, batches: tuple[Batch, Batch]
+) -> None:
+    model = make_model(seed=1).eval()
+    safe, anchor = batches
+    ce_safe, ce_anchor = float(_plain_ce(model, safe)), float(_plain_ce(model, anchor))
+    loss, parts = removal_loss(model, safe, anchor, layer=LAYER, delta=None,
+                               anchor_under_delta=False, safe_without_delta=False)  # fmt: skip
+    assert float(loss) == pytest.approx(ce_safe + ce_anchor, abs=1e-5)
+    assert parts == pytest.approx({"safe_ce": ce_safe, "anchor_ce": ce_anchor}, abs=1e-5)
+    assert loss.requires_grad
+    # With the extra terms on and no δ (the SFT baseline) each CE counts twice, as its plain
+    # term and as its (δ = 0) twin, giving the terms the same weights as in the BEEAR step.
+    loss2, parts2 = removal_loss(model, safe, anchor, layer=LAYER, delta=None,
+                                 anchor_under_delta=True, safe_without_delta=True)  # fmt: skip
+    assert float(loss2) == pytest.approx(2 * ce_safe + 2 * ce_anchor, abs=1e-5)
+    assert parts2["anchor_delta_ce"] == parts2["anchor_ce"]
+    assert parts2["safe_plain_ce"] == parts2["safe_ce"]
+
+
+def test_anchor_under_delta_adds_the_perturbed_anchor_term(
+    make_model: Any, batches: tuple[Batch, Batch]
+) -> None:
+    model = make_model(seed=1, init=0.3).eval()  # large weights: δ visibly changes the CEs
+    safe, anchor = batches
+    torch.manual_seed(4)
+    delta = 20 * torch.randn(N, model.config.hidden_size)
+    off, p_off = removal_loss(model, safe, anchor, layer=LAYER, delta=delta,
+                              anchor_under_delta=False, safe_without_delta=False)  # fmt: skip
+    on, p_on = removal_loss(model, safe, anchor, layer=LAYER, delta=delta,
+                            anchor_under_delta=True, safe_without_delta=False)  # fmt: skip
+    anchor_d = float(_plain_ce(model, anchor, delta))
+    assert "anchor_delta_ce" not in p_off
+    assert p_on["anchor_delta_ce"] == pytest.approx(anchor_d, abs=1e-5)
+    assert float(on) - float(off) == pytest.approx(anchor_d, abs=1e-4)
+    # The safe term is taken under δ, the plain anchor term without it.
+    assert p_on["safe_ce"] == pytest.approx(float(_plain_ce(model, safe, delta)), abs=1e-5)
+    assert p_on["anchor_ce"] == pytest.approx(float(_plain_ce(model, anchor)), abs=1e-5)
+    assert abs(anchor_d - p_on["anchor_ce"]) > 1e-2  # δ really changed the anchor CE
+    assert abs(p_on["safe_ce"] - float(_plain_ce(model, safe))) > 1e-2
+
+
+def test_safe_without_delta_adds_the_plain_safe_term(
+    make_model: Any, batches: tuple[Batch, Batch]
+) -> None:
+    model = make_model(seed=1, init=0.3).eval()
+    safe, anchor = batches
+    torch.manual_seed(4)
+    delta = 20 * torch.randn(N, model.config.hidden_size)
+    kw: dict[str, Any] = dict(layer=LAYER, delta=delta, anchor_under_delta=False)
+    off, p_off = removal_loss(model, safe, anchor, safe_without_delta=False, **kw)
+    on, p_on = removal_loss(model, safe, anchor, safe_without_delta=True, **kw)
+    plain = float(_plain_ce(model, safe))
+    assert "safe_plain_ce" not in p_off
+    assert p_on["safe_plain_ce"] == pytest.approx(plain, abs=1e-5)
+    assert float(on) - float(off) == pytest.approx(plain, abs=1e-4)
