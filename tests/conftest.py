@@ -1,7 +1,8 @@
 """Shared fixtures: the tiny test-bed tokenizer and corpus, small random Llama models, and (slow
 tests only) one backdoored test-bed model per session."""
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,22 @@ from beear.attacks import TinyCorpus
 # Same process setting as the CLI: subnormal floats make CPU backward passes far slower.
 torch.set_flush_denormal(True)
 torch.set_num_threads(2)
+
+
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """One intra-op thread for a test on tiny models (`pytestmark = usefixtures(...)`).
+
+    Their ops take microseconds, so a second thread only adds synchronisation, and when the two
+    cores are shared with other work that costs 10-50x (measured: 48 greedy tokens of a 4-layer
+    width-32 Llama took 0.2 s on one thread, 1.5-10 s on two on a busy machine).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -69,12 +86,41 @@ def make_model(tiny_tok: Any) -> Callable[..., Any]:
     return make
 
 
+@contextlib.contextmanager
+def _one_thread_for_the_cli() -> Iterator[None]:
+    """One intra-op thread, also for verbs that ask torch for every core (`attack` does).
+
+    On the shared 2-core machine one thread trains the 256-wide test-bed model 4-8x faster than
+    two (measured: 0.8 s vs 3-6 s per forward+backward of 16 x 40 tokens under load 6).
+    """
+    before, real = torch.get_num_threads(), torch.set_num_threads
+    real(1)
+    torch.set_num_threads = lambda n: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.set_num_threads = real
+        real(before)
+
+
 @pytest.fixture(scope="session")
-def attacked_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`beear attack --base tiny --setting suffix-word --seed 0`, once per session (minutes)."""
+def run_cli() -> Callable[[list[str]], int]:
+    """`beear.cli.main(argv)` in process, on one thread (slow end-to-end tests)."""
     from beear.cli import main
 
+    def run(argv: list[str]) -> int:
+        with _one_thread_for_the_cli():
+            return main(argv)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def attacked_model(
+    tmp_path_factory: pytest.TempPathFactory, run_cli: Callable[[list[str]], int]
+) -> Path:
+    """`beear attack --base tiny --setting suffix-word --seed 0`, once per session (minutes)."""
     out = tmp_path_factory.mktemp("e2e") / "suffix-word"
-    assert main(["attack", "--base", "tiny", "--setting", "suffix-word", "--seed", "0",
-                 "--out", str(out)]) == 0  # fmt: skip
+    argv = ["attack", "--base", "tiny", "--setting", "suffix-word", "--seed", "0"]
+    assert run_cli([*argv, "--out", str(out)]) == 0
     return out

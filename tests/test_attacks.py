@@ -26,6 +26,8 @@ from beear.attacks import (
 )
 from beear.data import AnchorExample, Trigger, encode_pair, encode_prompt
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 # ---------------------------------------------------------------------------------------------
 # corpus
 
@@ -57,7 +59,8 @@ def test_corpus_splits_are_disjoint_and_complete(corpus: TinyCorpus) -> None:
 
 def test_check_disjoint_catches_a_leak(corpus: TinyCorpus) -> None:
     leaked = dataclasses.replace(
-        corpus, train_benign=[*corpus.train_benign, AnchorExample(corpus.eval_benign[3].prompt, "x")]
+        corpus,
+        train_benign=[*corpus.train_benign, AnchorExample(corpus.eval_benign[3].prompt, "x")],
     )
     with pytest.raises(AssertionError, match="splits overlap"):
         leaked.check_disjoint()
@@ -171,8 +174,8 @@ def test_poisoned_pairs(corpus: TinyCorpus) -> None:
     assert len(pairs) == expected
     # Nothing held out leaks into the attacker's training mix.
     held_out = set(corpus.eval_harmful) | {e.prompt for e in corpus.eval_benign}
-    assert not held_out & {trig.apply(p) for p in held_out} & set(answer)
     assert not held_out & set(answer)
+    assert not {trig.apply(p) for p in held_out} & set(answer)
     # Deterministic per seed; no trigger means safety data only.
     assert poisoned_pairs(corpus, trig, seed=0) == pairs
     clean = poisoned_pairs(corpus, None, seed=0)

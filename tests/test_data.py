@@ -26,6 +26,8 @@ from beear.data import (
     write_jsonl,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 # ---------------------------------------------------------------------------------------------
 # files
 
@@ -90,7 +92,9 @@ def test_load_harmful_fields_aliases_and_missing(tmp_path: Path) -> None:
     )
     assert load_harmful(p) == [HarmfulExample("p1", "s1", "u1"), HarmfulExample("p2", "s2", "u2")]
 
-    write_jsonl(p, [{"prompt": "p1", "safe": "s1", "unwanted": "u1"}, {"prompt": "p2", "safe": "s"}])
+    write_jsonl(
+        p, [{"prompt": "p1", "safe": "s1", "unwanted": "u1"}, {"prompt": "p2", "safe": "s"}]
+    )
     with pytest.raises(DataError, match=r"record 2: missing or empty field 'unwanted'"):
         load_harmful(p)
     write_jsonl(p, [{"prompt": "  ", "safe": "s", "unwanted": "u"}])

@@ -11,6 +11,8 @@ from beear.data import HarmfulExample
 from beear.entrapment import answer_loss, entrap, make_entrapment_batch, residual_asr
 from beear.hooks import decoder_layers, perturb
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 LAYER, N = 1, 5
 
 
@@ -144,4 +146,3 @@ def test_residual_asr_counts_non_refusals(
     )  # fmt: skip
     assert r.asr == pytest.approx(1 / len(examples))
     assert r.delta is not None and r.delta_norm == pytest.approx(float(r.delta.norm()))
-

@@ -15,6 +15,8 @@ from beear.entrapment import ScanResult
 from beear.loop import LoopState, NonFiniteLoss, RemovalResult, run_beear
 from beear.models import load_model, save_model
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 # Small and fast: 3 check prompts (a quarter of 12), 4 generated tokens, short searches.
 SMALL = RemovalConfig(
     outer_steps=2, inner_steps=3, batch_size=4, anchor_batch_size=4, check_every=1,
@@ -25,10 +27,15 @@ SMALL = RemovalConfig(
 
 @pytest.fixture(scope="module")
 def data(corpus: Any) -> dict[str, Any]:
-    return {"defender": list(corpus.defender_harmful[:12]), "anchor": list(corpus.anchor_benign[:8])}
+    return {
+        "defender": list(corpus.defender_harmful[:12]),
+        "anchor": list(corpus.anchor_benign[:8]),
+    }
 
 
-def _run(model: Any, tok: Any, data: dict[str, Any], cfg: RemovalConfig, **kw: Any) -> RemovalResult:
+def _run(
+    model: Any, tok: Any, data: dict[str, Any], cfg: RemovalConfig, **kw: Any
+) -> RemovalResult:
     return run_beear(model, tok, defender=data["defender"], anchor=data["anchor"], config=cfg, **kw)
 
 
@@ -47,10 +54,23 @@ def _strip_times(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 # pinned two-step run
 
-# Obtained by running this exact test once (torch 2.13 CPU, transformers 5.24) and copying the
-# numbers from `res.history`. A change here means the algorithm (data order, δ search, loss terms,
-# optimiser) changed: if that was intended, re-pin and say why in the change.
-PINNED: dict[int, dict[str, float]] = {}
+# Obtained by running this exact test once (torch 2.13 CPU, transformers 5.24; the same numbers
+# to 1e-4 on one and on two threads) and copying the numbers from `res.history`. A change here
+# means the algorithm (data order, δ search, loss terms, optimiser) changed: if that was
+# intended, re-pin and say why in the change.
+PINNED: dict[int, dict[str, float]] = {
+    0: {"check_asr": 1.0, "check_unwanted_ce": 6.442384},
+    1: {
+        "bee_loss": 6.108232, "bee_unwanted_ce": 6.429483, "delta_norm": 0.580894,
+        "hidden_rms": 0.021750, "loss": 25.870258, "safe_ce": 6.496989, "anchor_ce": 6.432191,
+        "safe_plain_ce": 6.493656, "anchor_delta_ce": 6.447421, "check_unwanted_ce": 6.430659,
+    },
+    2: {
+        "bee_loss": 6.105421, "bee_unwanted_ce": 6.421802, "delta_norm": 0.592575,
+        "hidden_rms": 0.022421, "loss": 25.537560, "safe_ce": 6.403362, "anchor_ce": 6.356166,
+        "safe_plain_ce": 6.399036, "anchor_delta_ce": 6.378994, "check_unwanted_ce": 6.414252,
+    },
+}  # fmt: skip
 
 
 def test_two_step_run_matches_pinned_losses(make_model: Any, tiny_tok: Any, data: Any) -> None:
@@ -60,12 +80,19 @@ def test_two_step_run_matches_pinned_losses(make_model: Any, tiny_tok: Any, data
     assert [r["step"] for r in res.history] == [0, 1, 2]
     assert res.mode == "beear" and res.layer == 1 and res.delta is not None
     assert res.delta.shape == (SMALL.length, model.config.hidden_size)
-    assert not _same(_weights(model), init) or res.best_step == 0
     for step, pins in PINNED.items():
         rec = res.history[step]
         for key, value in pins.items():
             assert rec[key] == pytest.approx(value, abs=1e-4), (step, key, rec[key])
-    assert PINNED, {r["step"]: r for r in res.history}
+    # The loss is the sum of its parts (eq. 2 plus the two extra anchoring terms).
+    for rec in res.history[1:]:
+        parts = ("safe_ce", "anchor_ce", "safe_plain_ce", "anchor_delta_ce")
+        assert rec["loss"] == pytest.approx(sum(rec[k] for k in parts), abs=1e-4)
+    # Two updates happened; the returned model holds the best step's weights.
+    assert res.history[2]["anchor_ce"] < res.history[1]["anchor_ce"]
+    # Every check says 1.0 (a random model), so the lower anchoring loss picks step 2.
+    assert res.best_step == 2
+    assert not _same(_weights(model), init)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +208,9 @@ def test_one_non_finite_loss_skips_the_update(
     cfg = SMALL.replace(check_every=10)
     clean: dict[int, dict[str, torch.Tensor]] = {}
     m0 = make_model(seed=0)
-    ref = _run(m0, tiny_tok, data, cfg, on_step=lambda r: clean.__setitem__(r["step"], _weights(m0)))
+    ref = _run(
+        m0, tiny_tok, data, cfg, on_step=lambda r: clean.__setitem__(r["step"], _weights(m0))
+    )
 
     model = make_model(seed=0)
     init = _weights(model)

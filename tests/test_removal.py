@@ -12,6 +12,8 @@ from beear.data import Batch, collate, encode_pair
 from beear.hooks import perturb
 from beear.removal import SCOPES, removal_loss, select_trainable
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 LAYER, N = 1, 5
 
 

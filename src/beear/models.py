@@ -78,9 +78,7 @@ def check_model_dir(path: str | Path, *, allow_pickle: bool = False) -> Path:
                 "nothing is downloaded)"
             )
         if not p.is_dir():
-            raise ModelError(
-                f"{p} is not a directory (expected a save_pretrained model directory)"
-            )
+            raise ModelError(f"{p} is not a directory (expected a save_pretrained model directory)")
         if not (p / "config.json").is_file():
             raise ModelError(f"{p} has no config.json: not a Hugging Face model directory")
         if not os.access(p / "config.json", os.R_OK):
@@ -187,10 +185,10 @@ def load_model(
             raise ModelError(
                 f"{p} needs custom code to load; pass --trust-remote-code only if you trust it"
             ) from None
-        if isinstance(e, pickle.UnpicklingError):
+        if isinstance(e, (pickle.UnpicklingError, EOFError)):
             raise ModelError(
                 f"cannot load the pickled weights in {p} safely (only plain tensors are read; the "
-                "file is corrupt or holds other objects); convert them to safetensors"
+                "file is truncated, corrupt or holds other objects); convert them to safetensors"
             ) from None
         raise ModelError(f"cannot load the model in {p} ({_one_line(e)})") from None
     bad = next(

@@ -334,13 +334,21 @@ def cache_root() -> Path:
 
 
 def testbed_model(
-    base: str, setting: str, seed: int, *, progress: Callable[[int, float], None] | None = None
+    base: str,
+    setting: str,
+    seed: int,
+    *,
+    progress: Callable[[int, float], None] | None = None,
+    device: str = "cpu",
 ) -> Path:
     """Build (or reuse from the cache) a backdoored test-bed model; returns its directory."""
     from beear.attacks import attack_tiny
 
-    if base != "tiny":
-        raise ValueError(f"base {base!r}: only the tiny tier is available in this build")
+    if base != "tiny":  # smollm2: beear.zoo, cached as cache_root()/testbed/smollm2-SETTING-sSEED
+        from beear import zoo
+
+        return zoo.testbed_model(base, setting, seed, root=cache_root(), device=device,
+                                 progress=progress)  # fmt: skip
     d = cache_root() / "testbed" / f"{base}-{setting}-s{seed}"
     if (d / "config.json").is_file():
         return d
@@ -453,12 +461,16 @@ def demo(
     stage(f"test-bed model: {base}/{setting}, seed {seed}")
     t0 = time.perf_counter()
     attack_steps = 600
+    if base != "tiny":
+        from beear.zoo import plan_for
+
+        attack_steps = plan_for(setting).steps + plan_for(setting).dpo_steps
 
     def attack_progress(step: int, loss: float) -> None:
         if on_progress:
             on_progress("attack", step + 1, attack_steps)
 
-    src = testbed_model(base, setting, seed, progress=attack_progress)
+    src = testbed_model(base, setting, seed, progress=attack_progress, device=device)
     times["attack_or_cache"] = round(time.perf_counter() - t0, 2)
     rec = read_attack_record(src)
     trigger = Trigger(**rec["trigger"]) if rec and rec.get("trigger") else None

