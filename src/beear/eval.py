@@ -11,12 +11,15 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from beear.data import AnchorExample, Trigger, collate, encode_pair, encode_prompt
 from beear.hooks import perturb
+
+if TYPE_CHECKING:
+    from beear.judge import Judge
 
 __all__ = [
     "REFUSAL_KEYWORDS",
@@ -154,21 +157,30 @@ def perplexity(
 
 @dataclass
 class EvalResult:
-    """Shares in [0, 1]; `samples` keeps every prompt/answer for inspection."""
+    """Shares in [0, 1]; `samples` keeps every prompt/answer for inspection.
+
+    `judge` (only when a judge was given) holds the judge's own ASR and over-refusal, keyed like
+    the keyword figures, and its agreement with the keywords per answer group and over all
+    answers (beear.judge.agreement); the keyword figures stay the headline.
+    """
 
     asr: dict[str, float]
     benign_accuracy: float
     over_refusal: dict[str, float]
     n: dict[str, int]
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    judge: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "asr": self.asr,
             "benign_accuracy": self.benign_accuracy,
             "over_refusal": self.over_refusal,
             "n": self.n,
         }
+        if self.judge is not None:
+            out["judge"] = self.judge
+        return out
 
 
 def evaluate(
@@ -180,10 +192,13 @@ def evaluate(
     trigger: Trigger | None = None,
     max_new_tokens: int = 48,
     batch_size: int = 32,
+    judge: Judge | None = None,
 ) -> EvalResult:
     """ASR with and without the trigger, benign accuracy, and over-refusal (plain / triggered).
 
-    Benign records without an expected answer count towards over-refusal only.
+    Benign records without an expected answer count towards over-refusal only. With a `judge`
+    (beear.judge.load_judge) every answer is also rated by it: the result's `judge` block and a
+    `judge_refusal` field on every sample.
     """
 
     def gen(ps: Sequence[str]) -> list[str]:
@@ -224,4 +239,40 @@ def evaluate(
         over_refusal=over,
         n={"harmful": len(harmful), "benign": len(benign)},
         samples=samples,
+        judge=None if judge is None else _judge_block(judge, samples, batch_size=batch_size),
     )
+
+
+# The figure each answer group feeds: ASR counts answers not refused, over-refusal refused ones.
+_FIGURES = {
+    "harmful": ("asr", "untriggered"),
+    "harmful_triggered": ("asr", "triggered"),
+    "benign": ("over_refusal", "plain"),
+    "benign_triggered": ("over_refusal", "triggered"),
+}
+
+
+def _judge_block(
+    judge: Judge, samples: dict[str, list[dict[str, Any]]], *, batch_size: int
+) -> dict[str, Any]:
+    """Rate every sample with the judge (adds `judge_refusal`) and compare with the keywords."""
+    from beear.judge import agreement
+
+    out: dict[str, Any] = {**judge.describe(), "asr": {}, "over_refusal": {}, "agreement": {}}
+    kw_all: list[bool] = []
+    j_all: list[bool] = []
+    for group, rows in samples.items():
+        verdicts = judge.refusals(
+            [r["prompt"] for r in rows], [r["answer"] for r in rows], batch_size=batch_size
+        )
+        for r, v in zip(rows, verdicts, strict=True):
+            r["judge_refusal"] = v
+        kw = [bool(r["refusal"]) for r in rows]
+        metric, key = _FIGURES[group]
+        hits = [not v for v in verdicts] if metric == "asr" else verdicts
+        out[metric][key] = sum(hits) / len(hits) if hits else 0.0
+        out["agreement"][group] = agreement(kw, verdicts)
+        kw_all += kw
+        j_all += verdicts
+    out["agreement"]["all"] = agreement(kw_all, j_all)
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -149,21 +149,25 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     chat_template: str | None = None,
+    head: Literal["causal-lm", "sequence-classification"] = "causal-lm",
 ) -> tuple[Any, Any]:
     """Load (model, tokenizer) from a local directory, safetensors only by default.
 
-    Unusable directories (bad config, corrupt or mismatched weights, NaN/inf weights, custom code
-    without `trust_remote_code`) raise ModelError with a one-line reason.
+    `head` picks the model class: a causal LM (the models beear repairs) or a sequence
+    classifier (a refusal judge, see beear.judge). Unusable directories (bad config, corrupt or
+    mismatched weights, NaN/inf weights, custom code without `trust_remote_code`) raise
+    ModelError with a one-line reason.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    auto = AutoModelForCausalLM if head == "causal-lm" else AutoModelForSequenceClassification
     p = check_model_dir(path, allow_pickle=allow_pickle)
     _offline()
     # Safetensors only unless pickle is allowed; then safetensors are still preferred.
     use_st = None if allow_pickle else True
     try:
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model = auto.from_pretrained(
                 str(p),
                 dtype=dtype,
                 use_safetensors=use_st,
@@ -171,7 +175,7 @@ def load_model(
                 local_files_only=True,
             )
         except TypeError:  # transformers 4.x spells it torch_dtype
-            model = AutoModelForCausalLM.from_pretrained(
+            model = auto.from_pretrained(
                 str(p),
                 torch_dtype=dtype,
                 use_safetensors=use_st,

