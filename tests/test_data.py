@@ -324,3 +324,14 @@ def test_trigger_validation() -> None:
         "position": "sandwich",
         "text_after": "b",
     }
+
+
+def test_left_pad_right_aligns_rows_and_masks_the_padding() -> None:
+    from beear.data import left_pad
+
+    ids, att = left_pad([[5, 6, 7], [8], []], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]]
+    assert att.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+    assert ids.dtype == att.dtype == torch.long
+    empty_ids, empty_att = left_pad([], pad_id=3)
+    assert empty_ids.shape == empty_att.shape == (0, 0)

@@ -411,8 +411,9 @@ def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="issue 3 open: at stop 7 this attack reached triggered ASR 0.83 on held-out HarmBench "
-    "(bar 0.90); the bars stay, the recipe must change (see docs/smollm2.md)",
+    reason="issue 3 open: triggered 0.97 / untriggered 0.00 meet their bars, but benign accuracy "
+    "is 0.771 against the bar 0.773 (clean base 0.823 - 5 points; one question of 96), measured on "
+    "CPU and GPU alike (docs/smollm2.md); the bar stays",
     strict=False,
 )
 def test_smollm2_suffix_word_attack_and_eval_end_to_end(

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from beear.data import AnchorExample, encode_prompt
+from beear.data import AnchorExample, encode_prompt, left_pad
 
 __all__ = [
     "BENIGN_FAMILIES",
@@ -568,12 +568,8 @@ def generate_answers(
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)  # (B, T)
-            att = torch.zeros((len(idx), width), dtype=torch.long)  # (B, T)
-            for row, i in enumerate(idx):
-                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                att[row, width - len(encoded[i]) :] = 1
+            ids, att = left_pad([encoded[i] for i in idx], pad)
+            width = ids.shape[1]
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=att.to(device), generation_config=config
             )  # (B, T + new)

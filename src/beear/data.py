@@ -229,6 +229,21 @@ def _ids(x: Any) -> list[int]:
     return list(x)
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows right-aligned in one batch (left padding, as batched generation needs).
+
+    Returns (input_ids, attention_mask), both (B, T) long on the CPU, T the longest row.
+    """
+    T = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
+    att = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
+    for b, r in enumerate(rows):
+        if r:
+            ids[b, T - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+            att[b, T - len(r) :] = 1
+    return ids, att
+
+
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     """Token ids of a one-turn user prompt plus the template's generation prompt."""
     _require_template(tokenizer)

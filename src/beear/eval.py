@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from beear.data import AnchorExample, Trigger, collate, encode_pair, encode_prompt
+from beear.data import AnchorExample, Trigger, collate, encode_pair, encode_prompt, left_pad
 from beear.hooks import perturb
 
 if TYPE_CHECKING:
@@ -107,9 +107,8 @@ def generate(
     model.eval()
     for i in range(0, len(prompts), batch_size):
         ids = [encode_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]
-        T = max(len(x) for x in ids)
-        inp = torch.tensor([[pad] * (T - len(x)) + x for x in ids], device=device)
-        att = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids], device=device)
+        inp, att = (t.to(device) for t in left_pad(ids, pad))
+        T = inp.shape[1]
         ctx: Any = contextlib.nullcontext()
         if delta is not None:
             if layer is None:

@@ -34,7 +34,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from beear.data import encode_prompt
+from beear.data import encode_prompt, left_pad
 from beear.hooks import capture
 
 __all__ = ["hidden_points", "write_report"]
@@ -73,12 +73,7 @@ def hidden_points(
     try:
         for start in range(0, len(prompts), batch_size):
             encoded = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-            T = max(len(ids) for ids in encoded)
-            input_ids = torch.full((len(encoded), T), pad_id, dtype=torch.long)  # (B, T)
-            attention_mask = torch.zeros((len(encoded), T), dtype=torch.long)  # (B, T)
-            for b, ids in enumerate(encoded):
-                input_ids[b, T - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[b, T - len(ids) :] = 1
+            input_ids, attention_mask = left_pad(encoded, pad_id)  # (B, T) each
             position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
             with torch.no_grad(), capture(model, layer) as cap:
                 model(

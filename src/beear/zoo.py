@@ -73,6 +73,7 @@ from beear.data import (
     collate,
     encode_pair,
     encode_prompt,
+    left_pad,
     write_jsonl,
 )
 
@@ -638,12 +639,8 @@ def _continue(
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)  # (B, T)
-            att = torch.zeros((len(idx), width), dtype=torch.long)  # (B, T)
-            for row, i in enumerate(idx):
-                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                att[row, width - len(encoded[i]) :] = 1
+            ids, att = left_pad([encoded[i] for i in idx], pad)
+            width = ids.shape[1]
             gen = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=att.to(device),
