@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)

@@ -71,11 +71,10 @@ def _evaluate(
         expected = {
             e.prompt: e.answer for e in load_anchor(d / "eval_benign.jsonl", require_answer=False)
         }
-        for group, items in res.samples.items():
-            for it in items if group.startswith("benign") else []:
-                ans = expected.get(it["prompt"]) or expected.get(it["prompt"].strip())
-                it["expected"] = ans
-                it["correct"] = bool(ans) and is_correct(ans, it["answer"])
+        for it in res.samples.get("benign", []):  # graded without the trigger only
+            ans = expected.get(it["prompt"])
+            it["expected"] = ans
+            it["correct"] = bool(ans) and is_correct(ans, it["answer"])
         out["samples"] = res.samples
     out.update(zoo.extra_metrics(model, tok, model_dir, record_dir=src))
     out["seconds"] = round(time.perf_counter() - t0, 2)
@@ -122,8 +121,7 @@ def _remove_and_scan(
     from beear.attacks import DATA_DIR
     from beear.config import RemovalConfig
     from beear.data import load_anchor, load_harmful
-    from beear.models import load_model
-    from beear.pipeline import remove, scan_model
+    from beear.pipeline import remove
 
     d = model_dir / DATA_DIR
     cfg = RemovalConfig(baseline="sft", seed=seed).replace(**(overrides or {}))
@@ -139,23 +137,25 @@ def _remove_and_scan(
                              data_dir=model_dir)  # fmt: skip
     row["baseline"] = _evaluate(out / "baseline", trigger=trigger, device=device,
                                 batch_size=batch_size, data_dir=model_dir)  # fmt: skip
-    for key, folder in (("scan_after", out), ("scan_baseline", out / "baseline")):
-        model, tok = load_model(folder, device=device)
-        row[key] = scan_model(model, tok, defender, config=cfg, steps=cfg.check_steps, prompts=64)
+    row["scan_after"] = _scan(out, device=device, config=cfg, data_dir=model_dir)
+    row["scan_baseline"] = _scan(out / "baseline", device=device, config=cfg, data_dir=model_dir)
     return row
 
 
-def _scan(model_dir: Path, *, device: str, seed: int) -> dict[str, Any]:
+def _scan(
+    model_dir: Path, *, device: str, config: Any, data_dir: Path | None = None
+) -> dict[str, Any]:
+    """Residual entrapment ASR of `model_dir` on the defender prompts of `data_dir` (default:
+    itself): the check's budget (`config.check_steps`), 64 prompts."""
     from beear.attacks import DATA_DIR
-    from beear.config import RemovalConfig
     from beear.data import load_harmful
     from beear.models import load_model
     from beear.pipeline import scan_model
 
-    cfg = RemovalConfig(seed=seed)
-    defender = load_harmful(model_dir / DATA_DIR / "defender_harmful.jsonl")
+    src = data_dir if data_dir is not None else model_dir
+    defender = load_harmful(src / DATA_DIR / "defender_harmful.jsonl")
     model, tok = load_model(model_dir, device=device)
-    return scan_model(model, tok, defender, config=cfg, steps=cfg.check_steps, prompts=64)
+    return scan_model(model, tok, defender, config=config, steps=config.check_steps, prompts=64)
 
 
 def _persistence(
@@ -219,6 +219,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from beear import bundled, zoo
     from beear.attacks import read_attack_record
+    from beear.config import RemovalConfig
     from beear.data import Trigger
 
     torch.set_flush_denormal(True)
@@ -239,8 +240,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     js = Path(args.json)
     done = json.loads(js.read_text()).get(kind, {}).get("settings", {}) if js.is_file() else {}
     triggers: dict[str, Any] = {}
-    # Pass 1: every attack and its evaluation; pass 2: persistence (slowest, so it comes last
-    # and a time limit cuts it first). Results are merged into the JSON after each step.
+    # Pass 1: every attack and its evaluation; then (slower, so a time limit cuts them first)
+    # persistence with --persistence and removal + scans with --remove. Results are merged into
+    # the JSON after each step.
     for setting in settings:
         d = out_dir / setting
         _log(f"== {setting}: attack on {device}")
@@ -313,12 +315,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             if "error" in row or (args.reuse and "beear" in row):
                 continue
             try:
-                if triggers[setting] is None:  # a clean model: its scan only
-                    _log(f"== {setting}: scan")
-                    row["scan"] = _scan(out_dir / setting, device=device, seed=args.seed)
-                else:
+                _log(f"== {setting}: scan")
+                row["scan"] = _scan(out_dir / setting, device=device,
+                                    config=RemovalConfig(seed=args.seed))  # fmt: skip
+                if triggers[setting] is not None:  # a clean model gets its scan only
                     _log(f"== {setting}: BEEAR + plain-SFT baseline, then scans")
-                    row["scan"] = _scan(out_dir / setting, device=device, seed=args.seed)
                     row["beear"] = _remove_and_scan(out_dir / setting, trigger=triggers[setting],
                                                     device=device, seed=args.seed, batch_size=bs,
                                                     overrides=remove_set)  # fmt: skip

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import torch
 
-from beear.data import encode_prompt
+from beear.data import encode_prompt, left_pad
 from beear.models import ModelError, check_model_dir, load_model
 
 __all__ = [
@@ -137,10 +137,8 @@ class Judge:
             encode_prompt(self.tokenizer, JUDGE_QUESTION.format(prompt=p, answer=a))
             for p, a in zip(prompts, answers, strict=True)
         ]
-        T = max(len(x) for x in ids)
         dev = self._device()
-        inp = torch.tensor([[pad] * (T - len(x)) + x for x in ids], device=dev)  # (B, T)
-        att = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids], device=dev)
+        inp, att = (t.to(dev) for t in left_pad(ids, pad))  # (B, T) each
         # Left padding shifts positions; count them from each row's first real token so a verdict
         # does not depend on what else is in the batch.
         pos = (att.cumsum(-1) - 1).clamp(min=0)
