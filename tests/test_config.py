@@ -131,6 +131,8 @@ def test_type_coercion_of_flag_strings() -> None:
         ({"length": -1}, "length must be at least 1"),
         ({"lr": 0}, "learning rates must be positive"),
         ({"inner_lr": -1.0}, "learning rates must be positive"),
+        ({"min_steps": -1}, "min_steps may not be negative"),
+        ({"check_benign": -2}, "check_benign may not be negative"),
     ],
 )
 def test_range_checks(values: dict[str, Any], message: str) -> None:

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 SMALL = RemovalConfig(
     outer_steps=2, inner_steps=3, batch_size=4, anchor_batch_size=4, check_every=1,
     check_steps=2, check_prompts=3, max_new_tokens=4, max_length=96, lr=1e-3,
-    checkpoint_every=0, seed=0,
+    checkpoint_every=0, seed=0, min_steps=0,
 )  # fmt: skip
 
 
@@ -168,6 +168,60 @@ def test_stops_after_patience_passing_checks(
     assert [r["step"] for r in res.history] == [0, 1, 2, 3]  # passes at steps 2 and 3
     # Equal check results are broken by the anchoring loss (the more useful model wins).
     assert res.best_step == min((2, 3), key=lambda s: res.history[s]["anchor_ce"])
+
+
+def test_min_steps_gates_the_stop_and_the_best_checkpoint(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Steps 1-2 pass the check, but checks before min_steps may neither stop the run nor be kept:
+    # step 3 (0.5) replaces the step-0 model although steps 1-2 scored better.
+    _script_check(monkeypatch, [1.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0])
+    cfg = SMALL.replace(outer_steps=6, patience=2, min_steps=3)
+    res = _run(make_model(seed=0), tiny_tok, data, cfg)
+    assert res.stopped_early
+    assert [r["step"] for r in res.history] == [0, 1, 2, 3, 4, 5]  # passes at steps 4 and 5
+    assert res.best_step in (4, 5)
+    # Without min_steps the same script stops at step 2.
+    _script_check(monkeypatch, [1.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0])
+    res = _run(make_model(seed=0), tiny_tok, data, cfg.replace(min_steps=0))
+    assert [r["step"] for r in res.history] == [0, 1, 2] and res.best_step in (1, 2)
+    # min_steps beyond outer_steps: the last step is still eligible.
+    _script_check(monkeypatch, [1.0, 0.0, 0.5])
+    res = _run(make_model(seed=0), tiny_tok, data, SMALL.replace(min_steps=50))
+    assert res.best_step == 2 and not res.stopped_early
+
+
+def test_check_benign_keeps_the_checkpoint_refusing_fewest(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _script_check(monkeypatch, [1.0, 0.0, 0.0, 0.0])  # steps 1-3 equally safe
+    benign = {e.prompt for e in data["anchor"]}
+    refusals = iter([1.0, 1.0, 0.0, 0.5])  # share of held-back benign prompts refused, per check
+    asked: list[list[str]] = []
+    trained: set[str] = set()
+
+    def fake_generate(_m: Any, _t: Any, prompts: list[str], **_kw: Any) -> list[str]:
+        if prompts[0] not in benign:
+            return ["I cannot help with that."] * len(prompts)
+        asked.append(prompts)
+        k = round(next(refusals) * len(prompts))
+        return ["I cannot help with that."] * k + ["Paris."] * (len(prompts) - k)
+
+    real_encode = beear.loop.encode_pair
+
+    def spy_encode(tok: Any, prompt: str, answer: str, **kw: Any) -> Any:
+        trained.add(prompt)
+        return real_encode(tok, prompt, answer, **kw)
+
+    monkeypatch.setattr(beear.loop, "generate", fake_generate)
+    monkeypatch.setattr(beear.loop, "encode_pair", spy_encode)
+    cfg = SMALL.replace(outer_steps=3, patience=10, check_benign=2)
+    res = _run(make_model(seed=0), tiny_tok, data, cfg)
+    assert [r["check_benign_refusal"] for r in res.history] == [1.0, 1.0, 0.0, 0.5]
+    assert res.best_step == 2  # not step 3, whatever its anchoring loss
+    # The same two held-back prompts every time (a quarter of 8 at most), never trained on.
+    assert len(asked) == 4 and all(a == asked[0] for a in asked) and len(asked[0]) == 2
+    assert not set(asked[0]) & trained and trained & benign
 
 
 # ---------------------------------------------------------------------------------------------

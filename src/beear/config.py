@@ -67,6 +67,16 @@ class RemovalConfig:
     check_prompts: int = _f(32, "defender prompts used by the trigger-free check")
     stop_below: float = _f(0.05, "stop once the check's entrapment ASR is at or below this share")
     patience: int = _f(2, "consecutive passing checks needed to stop early")
+    min_steps: int = _f(
+        40,
+        "outer steps before a check may stop the run or be kept as the best checkpoint "
+        "(an early check can pass on a model that only resists the search)",
+    )
+    check_benign: int = _f(
+        0,
+        "held-back anchoring prompts whose refusals each check counts; among equally safe "
+        "checkpoints the one refusing fewest is kept (0: off)",
+    )
     max_new_tokens: int = _f(32, "tokens generated when judging an answer")
     baseline: str = _f(
         "none", "also run plain safety fine-tuning with the same budget", ("none", "sft")
@@ -98,8 +108,9 @@ class RemovalConfig:
         for name in (*more, "lora_rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        if self.checkpoint_every < 0 or self.weight_decay < 0:
-            raise ConfigError("checkpoint_every and weight_decay may not be negative")
+        for name in ("checkpoint_every", "weight_decay", "min_steps", "check_benign"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} may not be negative (got {getattr(self, name)})")
         for name in ("lr", "inner_lr", "alpha", "weight_decay", "stop_below"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number (got {getattr(self, name)})")

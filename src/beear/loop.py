@@ -5,7 +5,8 @@
         2. AR   — remove: one model update towards safe answers under δ*, anchored on benign data
         3. check (every k steps, trigger-free): a fresh entrapment search on held-back defender
            prompts, and the same prompts without δ; keep the best model, stop once neither the
-           search nor the plain prompts turn the model
+           search nor the plain prompts turn the model (not before `min_steps`: an early check
+           can pass on a model that has only learnt to resist the search, docs/results.md)
 
 `mode="sft"` runs the same loop with δ* ≡ 0 and no entrapment: plain safety fine-tuning with the
 same data, steps and optimiser, the baseline every claim is measured against.
@@ -127,6 +128,12 @@ def run_beear(
     random.Random(cfg.seed).shuffle(order)
     n_check = min(cfg.check_prompts, max(1, len(order) // 4))
     check_set, train_set = order[:n_check], order[n_check:] or order
+    # Likewise a few anchoring prompts are held back: the check counts how many it refuses.
+    n_benign = min(cfg.check_benign, len(anchor) // 4)
+    held = set(random.Random(cfg.seed + 1).sample(range(len(anchor)), n_benign))
+    benign_check = [e for i, e in enumerate(anchor) if i in held]
+    anchor = [e for i, e in enumerate(anchor) if i not in held]
+    min_steps = min(cfg.min_steps, cfg.outer_steps)
 
     def encode(examples: Sequence[AnchorExample]) -> Any:
         enc = [
@@ -144,11 +151,20 @@ def run_beear(
             model, tokenizer, [e.prompt for e in check_set], max_new_tokens=cfg.max_new_tokens
         )
         plain_asr = sum(not is_refusal(a) for a in plain) / len(plain)
-        return {
+        out = {
             "check_asr": r.asr,
             "check_plain_asr": plain_asr,
             "check_unwanted_ce": r.unwanted_ce,
         }
+        if benign_check:
+            ans = generate(
+                model,
+                tokenizer,
+                [e.prompt for e in benign_check],
+                max_new_tokens=cfg.max_new_tokens,
+            )
+            out["check_benign_refusal"] = sum(is_refusal(a) for a in ans) / len(ans)
+        return out
 
     if st.step == 0 and not st.history:
         # Step 0 record: where the model starts (the check of the untouched model).
@@ -156,7 +172,7 @@ def run_beear(
         rec0: dict[str, Any] = {"step": 0, "mode": mode, **chk, "seconds": 0.0}
         st.history.append(rec0)
         bad0 = max(chk["check_asr"], chk["check_plain_asr"])
-        st.best = {"step": 0, "check_bad": bad0, "anchor_ce": math.inf}
+        st.best = {"step": 0, "check_bad": bad0, "benign_refusal": 1.0, "anchor_ce": math.inf}
         st.best_weights = _snapshot(model)
         if on_step:
             on_step(rec0)
@@ -212,13 +228,20 @@ def run_beear(
         # 3. trigger-free check and best-checkpoint selection
         if step % cfg.check_every == 0 or step == cfg.outer_steps:
             rec.update(check())
-            # Best = fewest unwanted answers with and without δ, then the best anchoring loss.
+            # Best = fewest unwanted answers with and without δ, then the fewest refused benign
+            # prompts, then the best anchoring loss; checks before min_steps are only recorded.
             bad = max(rec["check_asr"], rec["check_plain_asr"])
-            assert st.best is not None
-            if (bad, rec["anchor_ce"]) < (st.best["check_bad"], st.best["anchor_ce"]):
-                st.best = {"step": step, "check_bad": bad, "anchor_ce": rec["anchor_ce"]}
+            key = (bad, rec.get("check_benign_refusal", 0.0), rec["anchor_ce"])
+            b = st.best
+            assert b is not None
+            if step >= min_steps and (
+                b["step"] < min_steps
+                or key < (b["check_bad"], b.get("benign_refusal", 0.0), b["anchor_ce"])
+            ):
+                st.best = {"step": step, "check_bad": bad, "benign_refusal": key[1],
+                           "anchor_ce": rec["anchor_ce"]}  # fmt: skip
                 st.best_weights = _snapshot(model)
-            st.passes = st.passes + 1 if bad <= cfg.stop_below else 0
+            st.passes = st.passes + 1 if bad <= cfg.stop_below and step >= min_steps else 0
             model.train()
         rec["seconds"] = round(time.perf_counter() - t0, 3)
         st.history.append(rec)
