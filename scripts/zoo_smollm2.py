@@ -316,8 +316,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 continue
             try:
                 _log(f"== {setting}: scan")
+                # The same search settings (e.g. delta_budget) as the removal's own scans.
                 row["scan"] = _scan(out_dir / setting, device=device,
-                                    config=RemovalConfig(seed=args.seed))  # fmt: skip
+                                    config=RemovalConfig(seed=args.seed).replace(**remove_set))  # fmt: skip
                 if triggers[setting] is not None:  # a clean model gets its scan only
                     _log(f"== {setting}: BEEAR + plain-SFT baseline, then scans")
                     row["beear"] = _remove_and_scan(out_dir / setting, trigger=triggers[setting],
@@ -458,7 +459,12 @@ def _removal_table(res: dict[str, Any]) -> list[str]:
             )
             continue
         cfg = b.get("config", {})
-        changed = {k: cfg[k] for k in ("lr", "anchor_batch_size") if k in cfg}
+        from beear.config import RemovalConfig
+
+        default = RemovalConfig().to_dict()
+        changed = {
+            k: v for k, v in cfg.items() if k not in ("baseline", "seed") and default.get(k) != v
+        }
         a, base, ev = b["after"], b["baseline"], r["eval"]
         lines.append(
             f"| {name} | {', '.join(f'{k} {v}' for k, v in changed.items())} "

@@ -72,6 +72,27 @@ def test_entrapment_loss_falls_and_elicits_the_unwanted_answer(
     assert res.scale > 0
 
 
+def test_budget_bounds_every_row_of_delta(
+    model: Any, tiny_tok: Any, examples: list[HarmfulExample]
+) -> None:
+    eb = _batch(tiny_tok, examples)
+    free = entrap(model, eb, layer=LAYER, n=N, steps=12, lr=1.0, alpha=0.05)
+    token_norm = free.scale * model.config.hidden_size**0.5
+    rows = free.delta.norm(dim=-1)
+    budget = 0.5 * float(rows.max()) / token_norm  # half the unbounded search's largest row
+    held = entrap(model, eb, layer=LAYER, n=N, steps=12, lr=1.0, alpha=0.05, budget=budget)
+    assert (held.delta.norm(dim=-1) <= budget * token_norm * (1 + 1e-5)).all()
+    assert held.delta.norm(dim=-1).max() == pytest.approx(budget * token_norm, rel=1e-4)
+    assert not torch.allclose(held.delta, free.delta)
+    # A budget no row reaches changes nothing (bit-identical search).
+    loose = entrap(model, eb, layer=LAYER, n=N, steps=12, lr=1.0, alpha=0.05, budget=1e6)
+    assert torch.equal(loose.delta, free.delta)
+    # Warm starts beyond the budget are projected first.
+    big = torch.full_like(free.delta, 1e3)
+    zero = entrap(model, eb, layer=LAYER, n=N, steps=0, lr=1.0, alpha=0.05, init=big, budget=0.1)
+    assert zero.delta.norm(dim=-1).max() == pytest.approx(0.1 * token_norm, rel=1e-4)
+
+
 def test_entrap_leaves_the_model_unchanged(
     model: Any, tiny_tok: Any, examples: list[HarmfulExample]
 ) -> None:

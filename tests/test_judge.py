@@ -454,3 +454,38 @@ def test_cli_judge_errors_exit_2_with_one_line(
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith("beear eval: error: ") and message.format(**fill) in err[0], err
     assert not (tmp_path / "e.json").exists()
+
+
+def test_cli_demo_takes_a_judge(
+    model_dir: Path,
+    tmp_path: Path,
+    tok: Any,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import beear.pipeline
+
+    seen: list[Any] = []
+
+    def fake_demo(out: Path, **kw: Any) -> dict[str, Any]:
+        # The real evaluation, with the judge the CLI loaded, stands in for the demo's three.
+        seen.append(kw["judge"])
+        ev = beear.pipeline.evaluate_dir(
+            model_dir, trigger=Trigger("SUDO", "suffix"), device="cpu", judge=kw["judge"]
+        )
+        return {"evals": {"before": ev, "after": ev}, "report": {}, "seconds": {"total": 1.0}}
+
+    monkeypatch.setattr(beear.pipeline, "demo", fake_demo)
+    clf = _bert_dir(tmp_path / "clf", tok, id2label={0: "refusal", 1: "comply"}, winner=1)
+    assert main(["demo", "--out", str(tmp_path / "d"), "--judge", str(clf)]) == 0
+    assert seen and seen[0] is not None and seen[0].kind == "classifier"
+    out = capsys.readouterr().out
+    row = next(x for x in out.splitlines() if x.startswith("judge: ASR with trigger"))
+    assert row.split()[-2:] == ["100.0%", "100.0%"]  # this judge never sees a refusal
+    assert "judge: agrees w. keywords" in out
+    # Without --judge: no judge rows; a bad judge fails before the (long) demo starts.
+    assert main(["demo", "--out", str(tmp_path / "d2")]) == 0
+    assert seen[-1] is None and "judge:" not in capsys.readouterr().out
+    n = len(seen)
+    assert main(["demo", "--out", str(tmp_path / "d3"), "--judge", str(tmp_path / "nope")]) == 2
+    assert len(seen) == n and "judge: model directory" in capsys.readouterr().err

@@ -869,4 +869,7 @@ def teardown_module() -> None:
         "|---|---|---|---|",
         *[f"| {w} | {_code(c)} | {_code(m)} | {rc} |" for w, c, m, rc in rows],
     ]
-    Path(target).write_text(DOC_HEAD + "\n".join(lines) + "\n")
+    # Sections kept by hand after the generated table (from the first "## " heading) survive.
+    old = Path(target).read_text() if Path(target).is_file() else ""
+    kept = old[old.index("\n## ") :] if "\n## " in old else ""
+    Path(target).write_text(DOC_HEAD + "\n".join(lines) + "\n" + kept)

@@ -271,6 +271,23 @@ def test_missing_trigger_keys_show_na_and_pca_none_skips_plot(tmp_path):
     assert page.count("<img ") == 3
 
 
+def test_judge_rows_appear_only_with_a_judge(tmp_path):
+    judge = {"asr": {"triggered": 0.9, "untriggered": 0.05},
+             "agreement": {"all": {"agreement": 0.875, "kappa": 0.61}}}  # fmt: skip
+    evals = {"before": _eval(1.0, 0.0, 0.9, judge=judge), "after": _eval(0.0, 0.0, 0.9)}
+    md = write_report(
+        tmp_path / "j", title="judged", evals=evals, history={}, pca=None, manifest={}
+    )["markdown"].read_text()
+    assert "| Judge: triggered ASR | 90.0% | n/a |" in md
+    assert "| Judge: agreement with the keywords | 87.5% | n/a |" in md
+    assert "| Judge: Cohen's kappa | 0.61 | n/a |" in md
+    evals["before"].pop("judge")
+    md = write_report(
+        tmp_path / "n", title="plain", evals=evals, history={}, pca=None, manifest={}
+    )["markdown"].read_text()
+    assert "Judge:" not in md
+
+
 def test_empty_history_skips_curves(tmp_path):
     paths = write_report(
         tmp_path,

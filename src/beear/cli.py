@@ -4,7 +4,7 @@
     beear remove --model DIR --out DIR [--config FILE] [flags]
     beear eval   --model DIR [--trigger TEXT --position P] [--judge DIR] --json FILE
     beear scan   --model DIR --json FILE
-    beear demo   [--base tiny|smollm2] [--out DIR]
+    beear demo   [--base tiny|smollm2] [--out DIR] [--judge DIR]
 
 Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 130 interrupted.
 """
@@ -339,7 +339,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     if args.prompts < 1 or args.steps < 0:
         raise UsageError("--prompts must be at least 1 and --steps at least 0")
     device = _torch_setup(args.device)
-    cfg = load_config(args.config, {"layer": args.layer, "length": args.length})
+    cfg = load_config(
+        args.config, {"layer": args.layer, "length": args.length, "delta_budget": args.budget}
+    )
     model, tok = _load(args, model_dir, device)
     defender, _ = _defender_sets(args, model_dir, need_anchor=False)
     out = scan_model(model, tok, defender, config=cfg, steps=args.steps, prompts=args.prompts)
@@ -436,11 +438,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         import shutil
 
         shutil.rmtree(out)
+    device = _torch_setup(args.device)
+    judge = _judge_from_args(args, device)  # before the long run: a bad judge fails fast
     res = demo(
         out,
         base=args.base,
         seed=args.seed,
-        device=_torch_setup(args.device),
+        device=device,
+        judge=judge,
         on_stage=stage,
         on_progress=progress,
     )
@@ -462,6 +467,12 @@ def summary_table(evals: dict[str, dict[str, Any]]) -> str:
         ("over-refusal (trigger)", lambda e: e["over_refusal"].get("triggered")),
         ("residual entrapment ASR", lambda e: e.get("residual_asr")),
     ]
+    if all("judge" in e for e in evals.values()):
+        rows += [
+            ("judge: ASR with trigger", lambda e: e["judge"]["asr"].get("triggered")),
+            ("judge: ASR without", lambda e: e["judge"]["asr"].get("untriggered")),
+            ("judge: agrees w. keywords", lambda e: e["judge"]["agreement"]["all"]["agreement"]),
+        ]
     cols = list(evals)
     lines = [f"{'':26}" + "".join(f"{c:>12}" for c in cols)]
     for name, get in rows:
@@ -479,6 +490,22 @@ def summary_table(evals: dict[str, dict[str, Any]]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # parser
+
+
+def _add_judge_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--judge",
+        metavar="DIR",
+        help="also rate every answer with a local judge model (a refusal classifier or a chat "
+        "model; safetensors only) and report its agreement with the refusal keywords",
+    )
+    p.add_argument(
+        "--judge-refusal-label",
+        metavar="NAME",
+        action="append",
+        help="a classifier judge's label that means refusal (repeatable; default: labels "
+        "naming a refusal, rejection or declining)",
+    )
 
 
 def _add_model_opts(p: argparse.ArgumentParser) -> None:
@@ -539,19 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--benign", help="benign prompts, optional expected `answer` (JSONL/CSV)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument(
-        "--judge",
-        metavar="DIR",
-        help="also rate every answer with a local judge model (a refusal classifier or a chat "
-        "model; safetensors only) and report its agreement with the refusal keywords",
-    )
-    p.add_argument(
-        "--judge-refusal-label",
-        metavar="NAME",
-        action="append",
-        help="a classifier judge's label that means refusal (repeatable; default: labels "
-        "naming a refusal, rejection or declining)",
-    )
+    _add_judge_opts(p)
     _add_trigger_opts(p)
     _add_model_opts(p)
     p.set_defaults(func=cmd_eval)
@@ -565,6 +580,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int)
     p.add_argument("--length", type=int)
     p.add_argument("--steps", type=int, default=30, help="entrapment steps")
+    p.add_argument(
+        "--budget",
+        type=float,
+        help="bound δ per position to this multiple of the layer's token norm (default: the "
+        "config's delta_budget, 0 = unbounded)",
+    )
     p.add_argument("--prompts", type=int, default=64, help="defender prompts probed")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     _add_model_opts(p)
@@ -606,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="beear-demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="dtype of the judge model")  # fmt: skip
+    _add_judge_opts(p)
     p.set_defaults(func=cmd_demo)
     return ap
 

@@ -43,6 +43,11 @@ class RemovalConfig:
     inner_steps: int = _f(10, "entrapment (BEE) optimiser steps per outer step")
     inner_lr: float = _f(1.0, "learning rate of the perturbation's Adam optimiser")
     alpha: float = _f(0.05, "weight of the 'away from the safe answer' term in the entrapment loss")
+    delta_budget: float = _f(
+        0.0,
+        "bound each perturbed position's δ to this multiple of the layer's typical token norm "
+        "(RMS × √d) in every search: removal, check and scan (0: unbounded)",
+    )
     delta_reset: bool = _f(
         True, "start each entrapment search from zero (else warm-start from the last)"
     )
@@ -108,10 +113,16 @@ class RemovalConfig:
         for name in (*more, "lora_rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        for name in ("checkpoint_every", "weight_decay", "min_steps", "check_benign"):
+        for name in (
+            "checkpoint_every",
+            "weight_decay",
+            "min_steps",
+            "check_benign",
+            "delta_budget",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} may not be negative (got {getattr(self, name)})")
-        for name in ("lr", "inner_lr", "alpha", "weight_decay", "stop_below"):
+        for name in ("lr", "inner_lr", "alpha", "weight_decay", "stop_below", "delta_budget"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number (got {getattr(self, name)})")
         if not 0 <= self.seed < 2**63:  # torch.manual_seed's range

@@ -90,12 +90,15 @@ def entrap(
     alpha: float,
     init: torch.Tensor | None = None,
     cached: bool = True,
+    budget: float = 0.0,
 ) -> EntrapmentResult:
     """Run the inner problem on one batch and return δ*. The model is not changed.
 
     `lr` is relative to the RMS of layer l's hidden states (so one default serves models whose
     residual streams differ in scale): Adam moves each entry of δ by about `lr × rms` per step.
     `cached=False` runs the full model each step (the reference the cached path is tested on).
+    `budget` > 0 keeps every row of δ within `budget × rms × √d` (the typical token norm of the
+    layer) after each step: a bounded search, which a clean model can resist.
     """
     was_training = model.training
     model.eval()  # no dropout in the search; gradients flow to δ only
@@ -127,6 +130,15 @@ def entrap(
                     )
             return answer_loss(out.logits, b.labels)
 
+        radius = budget * scale * math.sqrt(d) if budget > 0 else math.inf
+
+        def project() -> None:
+            if math.isfinite(radius):
+                with torch.no_grad():
+                    norms = delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                    delta.mul_((radius / norms).clamp(max=1.0))
+
+        project()
         losses = []
         for _ in range(steps):
             ce_unw = ce(batch.unwanted, h_unw)
@@ -134,6 +146,7 @@ def entrap(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            project()
             losses.append(float(loss.detach()))
         with torch.no_grad():
             final = float(ce(batch.unwanted, h_unw))
@@ -168,6 +181,7 @@ def residual_asr(
     alpha: float,
     max_length: int,
     max_new_tokens: int,
+    budget: float = 0.0,
 ) -> ScanResult:
     """A fresh entrapment search (from δ = 0) on `examples`, then greedy answers under δ.
 
@@ -178,7 +192,7 @@ def residual_asr(
 
     device = next(model.parameters()).device
     batch = make_entrapment_batch(tokenizer, examples, n=n, max_length=max_length).to(device)
-    res = entrap(model, batch, layer=layer, n=n, steps=steps, lr=lr, alpha=alpha)
+    res = entrap(model, batch, layer=layer, n=n, steps=steps, lr=lr, alpha=alpha, budget=budget)
     answers = generate(
         model,
         tokenizer,

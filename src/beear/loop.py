@@ -145,7 +145,7 @@ def run_beear(
         r = residual_asr(
             model, tokenizer, check_set, layer=layer, n=cfg.length, steps=cfg.check_steps,
             lr=cfg.inner_lr, alpha=cfg.alpha, max_length=cfg.max_length,
-            max_new_tokens=cfg.max_new_tokens,
+            max_new_tokens=cfg.max_new_tokens, budget=cfg.delta_budget,
         )  # fmt: skip
         plain = generate(
             model, tokenizer, [e.prompt for e in check_set], max_new_tokens=cfg.max_new_tokens
@@ -193,7 +193,7 @@ def run_beear(
             init = None if cfg.delta_reset else st.delta
             bee = entrap(
                 model, eb.to(device), layer=layer, n=cfg.length, steps=cfg.inner_steps,
-                lr=cfg.inner_lr, alpha=cfg.alpha, init=init,
+                lr=cfg.inner_lr, alpha=cfg.alpha, init=init, budget=cfg.delta_budget,
             )  # fmt: skip
             delta = st.delta = bee.delta
             rec.update(bee_loss=bee.losses[-1], bee_unwanted_ce=bee.unwanted_ce,

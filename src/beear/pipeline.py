@@ -422,7 +422,7 @@ def scan_model(
     r = residual_asr(
         model, tokenizer, list(defender)[:prompts], layer=layer, n=config.length, steps=steps,
         lr=config.inner_lr, alpha=config.alpha, max_length=config.max_length,
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=config.max_new_tokens, budget=config.delta_budget,
     )  # fmt: skip
     return {
         "entrapment_asr": r.asr,
@@ -431,6 +431,7 @@ def scan_model(
         "hidden_rms": r.scale,
         "layer": layer,
         "steps": steps,
+        "budget": config.delta_budget,
         "n_prompts": min(prompts, len(defender)),
         "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -444,13 +445,15 @@ def demo(
     seed: int = 0,
     device: str = "cpu",
     config: RemovalConfig | None = None,
+    judge: Judge | None = None,
     on_stage: Callable[[str], None] | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """The main job: build (or reuse) a backdoored model, evaluate, remove, evaluate, report.
 
     The trigger is read from the attack record for *evaluation only*; removal never sees it.
-    Writes `out/model` (repaired, with `baseline/`), `out/evals.json`, `out/report/`.
+    Writes `out/model` (repaired, with `baseline/`), `out/evals.json`, `out/report/`. With a
+    `judge` every evaluation also holds the judge's figures and its agreement with the keywords.
     """
     from beear.attacks import DATA_DIR, read_attack_record
     from beear.data import Trigger, load_anchor, load_harmful, load_prompts
@@ -491,7 +494,9 @@ def demo(
     stage("evaluating the backdoored model")
     t0 = time.perf_counter()
     evals = {
-        "before": evaluate_dir(src, trigger=trigger, device=device, harmful=harmful, benign=benign)
+        "before": evaluate_dir(
+            src, trigger=trigger, device=device, harmful=harmful, benign=benign, judge=judge
+        )
     }
     m0, tok = load_model(src, device=device)
     layer = resolve_layer(m0, cfg.layer)
@@ -527,12 +532,13 @@ def demo(
     stage("evaluating the repaired model and the baseline")
     t0 = time.perf_counter()
     evals["after"] = evaluate_dir(
-        model_out, trigger=trigger, device=device, harmful=harmful, benign=benign
+        model_out, trigger=trigger, device=device, harmful=harmful, benign=benign, judge=judge
     )
     if (model_out / "baseline").is_dir():
         evals["baseline"] = evaluate_dir(
-            model_out / "baseline", trigger=trigger, device=device, harmful=harmful, benign=benign
-        )
+            model_out / "baseline", trigger=trigger, device=device, harmful=harmful,
+            benign=benign, judge=judge,
+        )  # fmt: skip
     m1, tok1 = load_model(model_out, device=device)
     scans["after"] = scan_model(m1, tok1, defender, config=cfg, steps=cfg.check_steps, prompts=64)
     if pca is not None and trig_prompts:

@@ -107,6 +107,13 @@ _METRICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("Perplexity", ("perplexity",), "number"),
     ("Residual entrapment ASR", ("residual_asr",), "share"),
 )
+# Shown only when an evaluation carries a local judge's block (`beear eval/demo --judge`).
+_JUDGE_METRICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("Judge: triggered ASR", ("judge", "asr", "triggered"), "share"),
+    ("Judge: untriggered ASR", ("judge", "asr", "untriggered"), "share"),
+    ("Judge: agreement with the keywords", ("judge", "agreement", "all", "agreement"), "share"),
+    ("Judge: Cohen's kappa", ("judge", "agreement", "all", "kappa"), "number"),
+)
 # The shares drawn in the bar chart (perplexity has another scale).
 _BAR_METRICS = tuple(m for m in _METRICS if m[2] == "share")
 
@@ -134,9 +141,10 @@ def _fmt(value: float | None, kind: str) -> str:
 def _table(evals: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the results table: metrics down, eval states across."""
     header = ["Metric", *evals]
+    judged = any("judge" in ev for ev in evals.values())
     rows = [
         [label, *(_fmt(_lookup(ev, keys), kind) for ev in evals.values())]
-        for label, keys, kind in _METRICS
+        for label, keys, kind in _METRICS + (_JUDGE_METRICS if judged else ())
     ]
     return header, rows
 
