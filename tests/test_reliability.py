@@ -395,6 +395,9 @@ DATA_CASES: list[tuple[str, str, str, list[str], tuple[str, ...]]] = [
     ("NaN learning rate", "x", "", ["--lr", "nan"], ("learning rates must be positive",)),
     ("infinite learning rate", "x", "", ["--lr", "inf"], ("lr must be a finite number",)),
     ("bad choice", "x", "", ["--train-scope", "some"], ("invalid choice",)),
+    ("negative minimum steps", "x", "", ["--min-steps", "-3"], ("min_steps may not be negative",)),
+    ("negative δ budget", "x", "", ["--delta-budget", "-1"], ("delta_budget may not be negative",)),
+    ("NaN δ budget", "x", "", ["--delta-budget", "nan"], ("delta_budget must be a finite",)),
 ]
 
 
@@ -426,6 +429,8 @@ def test_eval_data_errors(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
          "--position needs --trigger")  # fmt: skip
     _bad(capfd, "scan: no prompts", ["scan", "--model", "m", "--json", "r.json", "--prompts",
          "0"], "--prompts must be at least 1")  # fmt: skip
+    _bad(capfd, "scan: negative budget", ["scan", "--model", "m", "--json", "r.json", "--budget",
+         "-0.5"], "delta_budget may not be negative")  # fmt: skip
 
 
 def test_device_errors(ws: Path, capfd: pytest.CaptureFixture[str]) -> None:
