@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from beear.data import HarmfulExample
-from beear.entrapment import answer_loss, entrap, make_entrapment_batch, residual_asr
+from beear.entrapment import (
+    answer_ce,
+    answer_loss,
+    entrap,
+    make_entrapment_batch,
+    residual_asr,
+)
 from beear.hooks import decoder_layers, perturb
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -70,6 +76,35 @@ def test_entrapment_loss_falls_and_elicits_the_unwanted_answer(
     assert after < before - 0.5
     assert res.unwanted_ce == pytest.approx(after, abs=1e-4)
     assert res.scale > 0
+
+
+def test_answer_ce_computes_logits_only_where_answers_are_predicted(
+    model: Any, tiny_tok: Any, examples: list[HarmfulExample]
+) -> None:
+    b = _batch(tiny_tok, examples).unwanted
+    T = b.labels.shape[1]
+    first = int((b.labels[:, 1:] != -100).any(dim=0).nonzero()[0])
+    assert first > 0  # the prompts come first: there is something to skip
+    rows: list[int] = []
+    hook = model.lm_head.register_forward_hook(lambda _m, i, _o: rows.append(i[0].shape[1]))
+    try:
+        with torch.no_grad():
+            got = float(answer_ce(model, b))
+    finally:
+        hook.remove()
+    assert rows == [T - first]
+    assert got == pytest.approx(_ce_under(model, b, None), abs=1e-5)  # the full-logits CE
+
+    class NoKeep(torch.nn.Module):  # a model whose forward has no logits_to_keep
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: Any, attention_mask: Any, use_cache: bool) -> Any:
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    with torch.no_grad():
+        assert float(answer_ce(NoKeep(model), b)) == pytest.approx(got, abs=1e-5)
 
 
 def test_budget_bounds_every_row_of_delta(

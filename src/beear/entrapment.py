@@ -11,6 +11,8 @@ inner step runs only layers l+1..L (`substitute`). δ lives in float32 whatever 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ __all__ = [
     "EntrapmentBatch",
     "EntrapmentResult",
     "ScanResult",
+    "answer_ce",
     "answer_loss",
     "entrap",
     "make_entrapment_batch",
@@ -56,8 +59,31 @@ def make_entrapment_batch(
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy on the answer tokens (labels != -100), in float32."""
+    """Mean token cross-entropy on the answer tokens (labels != -100), in float32.
+
+    `logits` may cover only the last K positions (`logits_to_keep`): labels are aligned to them.
+    """
+    labels = labels[:, labels.shape[1] - logits.shape[1] :]
     return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100)
+
+
+@functools.cache
+def _takes_logits_to_keep(cls: Any) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def answer_ce(model: Any, b: Batch) -> torch.Tensor:
+    """`answer_loss` of one forward pass that computes logits only from the first position that
+    predicts an answer token onwards (transformers' `logits_to_keep`, where the model takes it):
+    the output head and its logits are a large share of a step for big vocabularies."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kw: dict[str, Any] = {}
+    if _takes_logits_to_keep(base.__class__):
+        answer = (b.labels[:, 1:] != -100).any(dim=0).nonzero()
+        if len(answer):  # positions t0..T-1, t0 the first whose next token is an answer token
+            kw["logits_to_keep"] = b.labels.shape[1] - int(answer[0])
+    out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False, **kw)
+    return answer_loss(out.logits, b.labels)
 
 
 @dataclass
@@ -120,15 +146,9 @@ def entrap(
         def ce(b: Batch, h: torch.Tensor) -> torch.Tensor:
             if cached:
                 with substitute(model, layer, h, delta, b.perturb_mask):
-                    out = model(
-                        input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
-                    )
-            else:
-                with perturb(model, layer, delta, b.perturb_mask):
-                    out = model(
-                        input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False
-                    )
-            return answer_loss(out.logits, b.labels)
+                    return answer_ce(model, b)
+            with perturb(model, layer, delta, b.perturb_mask):
+                return answer_ce(model, b)
 
         radius = budget * scale * math.sqrt(d) if budget > 0 else math.inf
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from beear.data import Batch
-from beear.entrapment import answer_loss
+from beear.entrapment import answer_ce
 from beear.hooks import decoder_layers, perturb
 
 __all__ = ["SCOPES", "removal_loss", "select_trainable"]
@@ -75,8 +75,7 @@ def _ce(model: Any, b: Batch, layer: int, delta: torch.Tensor | None) -> torch.T
         else contextlib.nullcontext()
     )
     with ctx:
-        out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
-    return answer_loss(out.logits, b.labels)
+        return answer_ce(model, b)
 
 
 def removal_loss(
