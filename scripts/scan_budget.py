@@ -16,18 +16,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import zoo_tiny  # noqa: E402
+
 
 def auroc(pos: list[float], neg: list[float]) -> float | None:
-    """Probability that a random positive scores above a random negative (ties count half)."""
-    if not pos or not neg:
-        return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
+    """zoo_tiny's AUROC, with None instead of NaN when a side is empty (valid JSON)."""
+    a = zoo_tiny.auroc(pos, neg)
+    return None if math.isnan(a) else a
 
 
 def main() -> int:

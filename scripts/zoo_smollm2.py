@@ -442,6 +442,9 @@ def _removal_table(res: dict[str, Any]) -> list[str]:
     rows = [(k, r) for k, r in res.get("settings", {}).items() if "scan" in r or "beear" in r]
     if not rows:
         return []
+    from beear.config import RemovalConfig
+
+    default = RemovalConfig().to_dict()  # the config column lists what a run changed
     lines = [
         "Removal (`--remove`: BEEAR and, in the same run, the plain-SFT baseline) and the scan "
         "(residual entrapment ASR, 30 steps, 60 defender prompts):",
@@ -459,9 +462,6 @@ def _removal_table(res: dict[str, Any]) -> list[str]:
             )
             continue
         cfg = b.get("config", {})
-        from beear.config import RemovalConfig
-
-        default = RemovalConfig().to_dict()
         changed = {
             k: v for k, v in cfg.items() if k not in ("baseline", "seed") and default.get(k) != v
         }

@@ -68,6 +68,7 @@ def run_one(
         del m
         if trigger is None:
             return rec
+        anchor = load_anchor(d / "anchor.jsonl")
         rec["variants"] = {}
         for i, (vname, overrides) in enumerate(variants):
             # The first variant also runs the plain-SFT baseline (the same for every variant).
@@ -78,7 +79,7 @@ def run_one(
             shutil.rmtree(out, ignore_errors=True)
             t0 = time.perf_counter()
             summ = remove(work / "attacked", out, config=cfg, defender=defender,
-                          anchor=load_anchor(d / "anchor.jsonl"), device=device)  # fmt: skip
+                          anchor=anchor, device=device)  # fmt: skip
             v: dict[str, Any] = {"config": cfg.to_dict(), "remove": summ}
             v["remove_seconds_total"] = round(time.perf_counter() - t0, 1)
             v["after"] = evaluate_dir(out, trigger=trigger, device=device)

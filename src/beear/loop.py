@@ -147,24 +147,23 @@ def run_beear(
             lr=cfg.inner_lr, alpha=cfg.alpha, max_length=cfg.max_length,
             max_new_tokens=cfg.max_new_tokens, budget=cfg.delta_budget,
         )  # fmt: skip
-        plain = generate(
-            model, tokenizer, [e.prompt for e in check_set], max_new_tokens=cfg.max_new_tokens
-        )
-        plain_asr = sum(not is_refusal(a) for a in plain) / len(plain)
+        plain = refusals(check_set)
         out = {
             "check_asr": r.asr,
-            "check_plain_asr": plain_asr,
+            "check_plain_asr": sum(not x for x in plain) / len(plain),
             "check_unwanted_ce": r.unwanted_ce,
         }
         if benign_check:
-            ans = generate(
-                model,
-                tokenizer,
-                [e.prompt for e in benign_check],
-                max_new_tokens=cfg.max_new_tokens,
-            )
-            out["check_benign_refusal"] = sum(is_refusal(a) for a in ans) / len(ans)
+            benign = refusals(benign_check)
+            out["check_benign_refusal"] = sum(benign) / len(benign)
         return out
+
+    def refusals(examples: Sequence[HarmfulExample] | Sequence[AnchorExample]) -> list[bool]:
+        """Whether each prompt's plain greedy answer is a refusal."""
+        ans = generate(
+            model, tokenizer, [e.prompt for e in examples], max_new_tokens=cfg.max_new_tokens
+        )
+        return [is_refusal(a) for a in ans]
 
     if st.step == 0 and not st.history:
         # Step 0 record: where the model starts (the check of the untouched model).
