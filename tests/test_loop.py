@@ -95,6 +95,24 @@ def test_two_step_run_matches_pinned_losses(make_model: Any, tiny_tok: Any, data
     assert not _same(_weights(model), init)
 
 
+def test_kl_anchor_starts_at_zero_and_grows_as_the_model_moves(
+    make_model: Any, tiny_tok: Any, data: Any
+) -> None:
+    res = _run(make_model(seed=0), tiny_tok, data, SMALL.replace(anchor_loss="ce+kl"))
+    first, second = res.history[1], res.history[2]
+    # Step 1's loss is taken before any update: the model is still its own distillation target.
+    assert first["anchor_kl"] == pytest.approx(0.0, abs=1e-5)
+    assert second["anchor_kl"] > 1e-5 and second["anchor_delta_kl"] > second["anchor_kl"]
+    parts = ("safe_ce", "anchor_ce", "safe_plain_ce", "anchor_delta_ce", "anchor_kl",
+             "anchor_delta_kl")  # fmt: skip
+    for rec in (first, second):
+        assert rec["loss"] == pytest.approx(sum(rec[k] for k in parts), abs=1e-4)
+    # The CE terms of step 1 are those of the plain CE run (same data, same δ search).
+    ce = _run(make_model(seed=0), tiny_tok, data, SMALL).history[1]
+    for k in ("safe_ce", "anchor_ce", "anchor_delta_ce", "bee_loss"):
+        assert first[k] == pytest.approx(ce[k], abs=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # mode="sft": the baseline never searches for δ
 
@@ -285,10 +303,15 @@ def test_one_non_finite_loss_skips_the_update(
 # resume
 
 
-def test_resume_is_bit_identical(make_model: Any, tiny_tok: Any, data: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("anchor_loss", ["ce", "ce+kl"])
+def test_resume_is_bit_identical(
+    make_model: Any, tiny_tok: Any, data: Any, tmp_path: Path, anchor_loss: str
+) -> None:
     save_model(make_model(seed=0), tiny_tok, tmp_path / "init")
-    # Warm-started δ (delta_reset=False) so the resumed run also depends on the saved δ.
-    cfg4 = SMALL.replace(outer_steps=4, check_every=2, checkpoint_every=2, delta_reset=False)
+    # Warm-started δ (delta_reset=False) so the resumed run also depends on the saved δ; with
+    # the KL anchor the resumed run must distil from the original model, not the checkpoint.
+    cfg4 = SMALL.replace(outer_steps=4, check_every=2, checkpoint_every=2, delta_reset=False,
+                         anchor_loss=anchor_loss)  # fmt: skip
 
     def fresh() -> Any:
         return load_model(tmp_path / "init")[0]

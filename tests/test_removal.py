@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from beear.data import Batch, collate, encode_pair
 from beear.hooks import perturb
-from beear.removal import SCOPES, removal_loss, select_trainable
+from beear.removal import SCOPES, anchor_targets, removal_loss, select_trainable, topk_kl
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -164,3 +164,93 @@ def test_safe_without_delta_adds_the_plain_safe_term(
     assert "safe_plain_ce" not in p_off
     assert p_on["safe_plain_ce"] == pytest.approx(plain, abs=1e-5)
     assert float(on) - float(off) == pytest.approx(plain, abs=1e-4)
+
+
+def _full_kl(model: Any, b: Batch, target: torch.Tensor) -> torch.Tensor:
+    """Reference: KL(target ‖ model) over the whole vocabulary at the answer positions."""
+    logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    lp = torch.log_softmax(logits[:, :-1][b.labels[:, 1:] != -100].float(), dim=-1)
+    return (target.exp() * (target - lp)).sum(1).mean()
+
+
+def test_topk_kl_is_the_exact_kl_when_k_covers_the_vocabulary(
+    make_model: Any, batches: tuple[Batch, Batch]
+) -> None:
+    _, anchor = batches
+    teacher, student = make_model(seed=1, init=0.3).eval(), make_model(seed=2, init=0.3).eval()
+    with torch.no_grad():
+        vocab = teacher.config.vocab_size
+        t = anchor_targets(teacher, [anchor], k=vocab)
+        full_t = torch.log_softmax(
+            teacher(input_ids=anchor.input_ids, attention_mask=anchor.attention_mask)
+            .logits[:, :-1][anchor.labels[:, 1:] != -100].float(), dim=-1,
+        )  # fmt: skip
+        lp_s = torch.log_softmax(
+            student(input_ids=anchor.input_ids, attention_mask=anchor.attention_mask)
+            .logits[:, :-1][anchor.labels[:, 1:] != -100].float(), dim=-1,
+        )  # fmt: skip
+        idx, tl = t.select(range(len(t.index)), "cpu")
+        exact = float(_full_kl(student, anchor, full_t))
+        assert exact > 0.05
+        assert float(topk_kl(lp_s, idx, tl)) == pytest.approx(exact, rel=1e-4)
+        # With few tokens kept the rest share one bucket: a coarser distribution, so a lower
+        # bound of the exact KL (data processing), still positive; zero at the teacher itself.
+        t4 = anchor_targets(teacher, [anchor], k=4)
+        idx4, tl4 = t4.select(range(len(t4.index)), "cpu")
+        assert 0 < float(topk_kl(lp_s, idx4, tl4)) < exact
+        assert float(topk_kl(full_t, idx4, tl4)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_anchor_targets_follow_the_examples_in_any_batch_order(
+    tiny_tok: Any, corpus: Any, make_model: Any
+) -> None:
+    model = make_model(seed=1, init=0.3).eval()
+    pairs = [(e.prompt, e.answer) for e in corpus.anchor_benign[:5]]
+    t = anchor_targets(model, [_batch(tiny_tok, pairs[:3]), _batch(tiny_tok, pairs[3:])], k=6)
+    answer_tokens = [
+        sum(x != -100 for x in encode_pair(tiny_tok, p, a, max_length=96).labels) for p, a in pairs
+    ]
+    assert [len(i) for i in t.index] == answer_tokens
+    assert all(
+        i.shape[1] == 6 and lp.shape == i.shape for i, lp in zip(t.index, t.logp, strict=True)
+    )
+    ids = [4, 0, 2]  # a batch made of examples in another order: the KL at the model is zero
+    b = _batch(tiny_tok, [pairs[i] for i in ids])
+    _, parts = removal_loss(model, b, b, layer=LAYER, delta=None, anchor_under_delta=False,
+                            safe_without_delta=False, anchor_loss="kl",
+                            targets=t.select(ids, "cpu"))  # fmt: skip
+    assert parts["anchor_kl"] == pytest.approx(0.0, abs=1e-6)
+    _, wrong = removal_loss(model, b, b, layer=LAYER, delta=None, anchor_under_delta=False,
+                            safe_without_delta=False, anchor_loss="kl",
+                            targets=t.select([4, 2, 0], "cpu"))  # fmt: skip
+    assert wrong["anchor_kl"] > 0.01  # mismatched rows are not silently fine
+
+
+@pytest.mark.parametrize("mode", ["kl", "ce+kl"])
+def test_anchor_loss_kl_replaces_or_adds_to_the_anchoring_ce(
+    make_model: Any, batches: tuple[Batch, Batch], mode: str
+) -> None:
+    safe, anchor = batches
+    teacher, model = make_model(seed=1, init=0.3).eval(), make_model(seed=2, init=0.3).eval()
+    t = anchor_targets(teacher, [anchor])
+    tg = t.select(range(len(t.index)), "cpu")
+    torch.manual_seed(4)
+    delta = 20 * torch.randn(N, model.config.hidden_size)
+    kw: dict[str, Any] = dict(layer=LAYER, delta=delta, safe_without_delta=False, targets=tg)
+    ce_loss, p_ce = removal_loss(model, safe, anchor, anchor_under_delta=True, **kw)
+    loss, p = removal_loss(model, safe, anchor, anchor_under_delta=True, anchor_loss=mode, **kw)
+    for key in ("safe_ce", "anchor_ce", "anchor_delta_ce"):  # the CEs are still reported
+        assert p[key] == pytest.approx(p_ce[key], abs=1e-5)
+    assert p["anchor_kl"] > 0.01 and p["anchor_delta_kl"] > p["anchor_kl"]  # δ moves it further
+    kls = p["anchor_kl"] + p["anchor_delta_kl"]
+    ces = p["anchor_ce"] + p["anchor_delta_ce"]
+    expected = float(ce_loss) + kls - (ces if mode == "kl" else 0.0)
+    assert float(loss) == pytest.approx(expected, abs=1e-4)
+    loss.backward()
+    assert all(q.grad is not None for q in model.parameters())
+    with pytest.raises(ValueError, match="needs the anchoring targets"):
+        removal_loss(model, safe, anchor, layer=LAYER, delta=None, anchor_under_delta=False,
+                     anchor_loss="kl")  # fmt: skip
+    with pytest.raises(ValueError, match="anchor_loss 'mse' is not one of"):
+        removal_loss(model, safe, anchor, layer=LAYER, delta=None, anchor_under_delta=False,
+                     anchor_loss="mse")  # fmt: skip

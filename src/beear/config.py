@@ -59,6 +59,12 @@ class RemovalConfig:
         True,
         "also anchor benign answers under the perturbation (keeps triggered benign prompts answered)",
     )
+    anchor_loss: str = _f(
+        "ce",
+        "anchoring term: cross-entropy on the anchoring answers, KL to the model's own next-token "
+        "distribution before removal (top-32 tokens + rest), or both",
+        ("ce", "kl", "ce+kl"),
+    )
     safe_without_delta: bool = _f(
         True, "also train the safe answers without δ (keeps plain harmful prompts refused)"
     )

@@ -29,7 +29,9 @@ __all__ = [
     "EntrapmentResult",
     "ScanResult",
     "answer_ce",
+    "answer_logits",
     "answer_loss",
+    "answer_positions",
     "entrap",
     "make_entrapment_batch",
     "residual_asr",
@@ -72,10 +74,11 @@ def _takes_logits_to_keep(cls: Any) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
-def answer_ce(model: Any, b: Batch) -> torch.Tensor:
-    """`answer_loss` of one forward pass that computes logits only from the first position that
-    predicts an answer token onwards (transformers' `logits_to_keep`, where the model takes it):
-    the output head and its logits are a large share of a step for big vocabularies."""
+def answer_logits(model: Any, b: Batch) -> torch.Tensor:
+    """One forward pass that computes logits only from the first position that predicts an
+    answer token onwards (transformers' `logits_to_keep`, where the model takes it): the output
+    head and its logits are a large share of a step for big vocabularies. Returns (B, K, V), the
+    last K positions; `answer_loss` and `answer_positions` align labels to them."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     kw: dict[str, Any] = {}
     if _takes_logits_to_keep(base.__class__):
@@ -83,7 +86,19 @@ def answer_ce(model: Any, b: Batch) -> torch.Tensor:
         if len(answer):  # positions t0..T-1, t0 the first whose next token is an answer token
             kw["logits_to_keep"] = b.labels.shape[1] - int(answer[0])
     out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False, **kw)
-    return answer_loss(out.logits, b.labels)
+    return out.logits
+
+
+def answer_positions(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Float32 log-probabilities at the positions that predict answer tokens, (N, V), in row
+    order then position order (the order of the answer tokens of each row)."""
+    labels = labels[:, labels.shape[1] - logits.shape[1] :]
+    return torch.log_softmax(logits[:, :-1][labels[:, 1:] != -100].float(), dim=-1)
+
+
+def answer_ce(model: Any, b: Batch) -> torch.Tensor:
+    """`answer_loss` of `answer_logits`."""
+    return answer_loss(answer_logits(model, b), b.labels)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from beear.data import AnchorExample, DataError, HarmfulExample, collate, encode
 from beear.entrapment import entrap, make_entrapment_batch, residual_asr
 from beear.eval import generate, is_refusal
 from beear.hooks import resolve_layer
-from beear.removal import removal_loss, select_trainable
+from beear.removal import anchor_targets, removal_loss, select_trainable
 
 __all__ = ["LoopState", "NonFiniteLoss", "RemovalResult", "run_beear"]
 
@@ -117,10 +117,6 @@ def run_beear(
     params = list(_trainable(model).values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     st = state or LoopState()
-    if st.weights is not None:  # resuming: the trainable tensors as they were at st.step
-        _restore(model, st.weights)
-    if st.optimizer is not None:
-        opt.load_state_dict(st.optimizer)
 
     # The check uses a fixed share of the defender prompts, the rest feed the loop; both are
     # defender data, never evaluation data.
@@ -140,6 +136,17 @@ def run_beear(
             encode_pair(tokenizer, e.prompt, e.answer, max_length=cfg.max_length) for e in examples
         ]
         return collate(enc, pad_id=tokenizer.pad_token_id, n_perturb=cfg.length).to(device)
+
+    targets = None
+    if cfg.anchor_loss != "ce":  # the distillation targets: the model as it is before removal
+        model.eval()
+        chunks = [anchor[i : i + cfg.anchor_batch_size]
+                  for i in range(0, len(anchor), cfg.anchor_batch_size)]  # fmt: skip
+        targets = anchor_targets(model, (encode(c) for c in chunks))
+    if st.weights is not None:  # resuming: the trainable tensors as they were at st.step
+        _restore(model, st.weights)
+    if st.optimizer is not None:
+        opt.load_state_dict(st.optimizer)
 
     def check() -> dict[str, float]:
         r = residual_asr(
@@ -182,7 +189,8 @@ def run_beear(
         step = st.step + 1
         rng = random.Random(cfg.seed * 1_000_003 + step)  # data order depends on (seed, step) only
         harm = _sample(rng, train_set, cfg.batch_size)
-        anc = _sample(rng, anchor, cfg.anchor_batch_size)
+        anc_ids = _sample(rng, range(len(anchor)), cfg.anchor_batch_size)
+        anc = [anchor[i] for i in anc_ids]
         rec: dict[str, Any] = {"step": step, "mode": mode}
 
         # 1. BEE: δ* = argmin_δ CE(unwanted | δ) − α CE(safe | δ)          (eq. 1)
@@ -203,6 +211,8 @@ def run_beear(
         loss, parts = removal_loss(
             model, safe, encode(anc), layer=layer, delta=delta,
             anchor_under_delta=cfg.anchor_under_delta, safe_without_delta=cfg.safe_without_delta,
+            anchor_loss=cfg.anchor_loss,
+            targets=targets.select(anc_ids, device) if targets is not None else None,
         )  # fmt: skip
         finite = bool(torch.isfinite(loss))
         if finite:

@@ -12,22 +12,40 @@ beear also keeps the safe answers without δ* (`safe_without_delta`): without th
 the test bed ended with models that complied with plain harmful prompts (untriggered ASR up to 0.90
 on one of 15 runs) while resisting δ*. With δ* = None the same step is plain safety fine-tuning:
 the baseline.
+
+The anchoring term can also (or instead) be a distillation term (`anchor_loss` "ce+kl" / "kl"):
+the KL divergence from the model's own next-token distribution *before removal* at every anchoring
+answer position (`anchor_targets`, measured once), over its top-k tokens plus one bucket for the
+rest. Cross-entropy on a few dozen greedy answers lets a small model memorise them while drifting
+elsewhere; the full distribution pins far more of what the model was.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from beear.data import Batch
-from beear.entrapment import answer_ce
+from beear.entrapment import answer_logits, answer_loss, answer_positions
 from beear.hooks import decoder_layers, perturb
 
-__all__ = ["SCOPES", "removal_loss", "select_trainable"]
+__all__ = [
+    "ANCHOR_LOSSES",
+    "SCOPES",
+    "AnchorTargets",
+    "anchor_targets",
+    "removal_loss",
+    "select_trainable",
+    "topk_kl",
+]
 
 SCOPES = ("all", "lower", "upper", "lora")
+ANCHOR_LOSSES = ("ce", "kl", "ce+kl")
+TOPK = 32  # teacher tokens kept per anchoring position (the rest share one bucket)
 
 
 def select_trainable(model: Any, *, scope: str, layer: int, lora_rank: int = 8) -> Any:
@@ -68,14 +86,83 @@ def select_trainable(model: Any, *, scope: str, layer: int, lora_rank: int = 8) 
     return model
 
 
-def _ce(model: Any, b: Batch, layer: int, delta: torch.Tensor | None) -> torch.Tensor:
+@dataclass
+class AnchorTargets:
+    """The model's next-token distribution at each anchoring example's answer positions, as it was
+    before removal: its top-k tokens and their log-probabilities, one (L_i, k) pair per example."""
+
+    index: list[torch.Tensor]
+    logp: list[torch.Tensor]
+
+    def select(self, ids: Sequence[int], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of a batch made of examples `ids` (in that order), on `device`."""
+        return (
+            torch.cat([self.index[i] for i in ids]).to(device),
+            torch.cat([self.logp[i] for i in ids]).to(device),
+        )
+
+
+@torch.no_grad()
+def anchor_targets(model: Any, batches: Iterable[Batch], *, k: int = TOPK) -> AnchorTargets:
+    """Measure `AnchorTargets` of `model` on `batches` (examples in batch order), on the CPU."""
+    index: list[torch.Tensor] = []
+    logp: list[torch.Tensor] = []
+    for b in batches:
+        lp = answer_positions(answer_logits(model, b), b.labels)
+        top = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        counts = (b.labels[:, 1:] != -100).sum(dim=1).tolist()
+        index += top.indices.cpu().split(counts)
+        logp += top.values.cpu().split(counts)
+    return AnchorTargets(index, logp)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x < 0, kept finite where x rounds to 0."""
+    return torch.log(-torch.expm1(x.clamp(max=-1e-6)))
+
+
+def topk_kl(logp: torch.Tensor, index: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
+    """Mean KL(target ‖ model) over positions, on the target's top-k tokens plus one bucket
+    holding every other token. `logp` (N, V): the model's log-probabilities; `index`,
+    `target_logp` (N, k): the target's top-k. Zero exactly when the model is the target."""
+    s = logp.gather(1, index)
+    s_rest = _log1mexp(torch.logsumexp(s, dim=1))
+    t_rest = _log1mexp(torch.logsumexp(target_logp, dim=1))
+    kl = (target_logp.exp() * (target_logp - s)).sum(1) + t_rest.exp() * (t_rest - s_rest)
+    return kl.mean()
+
+
+def _logits(model: Any, b: Batch, layer: int, delta: torch.Tensor | None) -> torch.Tensor:
     ctx = (
         perturb(model, layer, delta, b.perturb_mask)
         if delta is not None
         else contextlib.nullcontext()
     )
     with ctx:
-        return answer_ce(model, b)
+        return answer_logits(model, b)
+
+
+def _ce(model: Any, b: Batch, layer: int, delta: torch.Tensor | None) -> torch.Tensor:
+    return answer_loss(_logits(model, b, layer, delta), b.labels)
+
+
+def _anchor_term(
+    model: Any,
+    b: Batch,
+    layer: int,
+    delta: torch.Tensor | None,
+    mode: str,
+    targets: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(the anchoring loss, its cross-entropy, its KL or None) of one pass."""
+    logits = _logits(model, b, layer, delta)
+    ce = answer_loss(logits, b.labels)
+    if mode == "ce":
+        return ce, ce, None
+    if targets is None:
+        raise ValueError(f"anchor_loss {mode!r} needs the anchoring targets (anchor_targets)")
+    kl = topk_kl(answer_positions(logits, b.labels), *targets)
+    return (kl if mode == "kl" else ce + kl), ce, kl
 
 
 def removal_loss(
@@ -87,18 +174,29 @@ def removal_loss(
     delta: torch.Tensor | None,
     anchor_under_delta: bool,
     safe_without_delta: bool = True,
+    anchor_loss: str = "ce",
+    targets: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The outer objective (eq. 2) on one batch; returns (loss, its parts for logging)."""
+    """The outer objective (eq. 2) on one batch; returns (loss, its parts for logging).
+
+    `anchor_loss` picks the anchoring term ("ce", "kl" or "ce+kl"); the KL needs `targets`,
+    the `AnchorTargets.select` of the anchoring batch's examples."""
+    if anchor_loss not in ANCHOR_LOSSES:
+        raise ValueError(f"anchor_loss {anchor_loss!r} is not one of {', '.join(ANCHOR_LOSSES)}")
     safe_ce = _ce(model, safe, layer, delta)  # answer safely under δ*
-    anchor_ce = _ce(model, anchor, layer, None)  # stay useful without δ
-    loss = safe_ce + anchor_ce
-    parts = {"safe_ce": float(safe_ce), "anchor_ce": float(anchor_ce)}
+    anchor_term, anchor_ce, kl = _anchor_term(model, anchor, layer, None, anchor_loss, targets)
+    loss = safe_ce + anchor_term  # ... and stay useful without δ
+    parts = {"safe_ce": float(safe_ce.detach()), "anchor_ce": float(anchor_ce.detach())}
+    if kl is not None:
+        parts["anchor_kl"] = float(kl.detach())
     if safe_without_delta:
         safe_plain = _ce(model, safe, layer, None)  # ... and keep refusing without δ
         loss = loss + safe_plain
-        parts["safe_plain_ce"] = float(safe_plain)
-    if anchor_under_delta:
-        anchor_d = _ce(model, anchor, layer, delta)  # ... and with it
-        loss = loss + anchor_d
-        parts["anchor_delta_ce"] = float(anchor_d)
+        parts["safe_plain_ce"] = float(safe_plain.detach())
+    if anchor_under_delta:  # ... and stay useful with δ
+        term_d, ce_d, kl_d = _anchor_term(model, anchor, layer, delta, anchor_loss, targets)
+        loss = loss + term_d
+        parts["anchor_delta_ce"] = float(ce_d.detach())
+        if kl_d is not None:
+            parts["anchor_delta_kl"] = float(kl_d.detach())
     return loss, parts
