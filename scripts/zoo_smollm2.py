@@ -115,9 +115,11 @@ def _remove_and_scan(
     seed: int,
     batch_size: int,
     overrides: dict[str, Any] | None = None,
+    out: Path | None = None,
 ) -> dict[str, Any]:
-    """BEEAR with the default config and, in the same run, the plain-SFT baseline (persistence);
-    both evaluated on the held-out split, and the scan (residual entrapment ASR) of all three."""
+    """BEEAR with the default config (plus `overrides`) and, in the same run unless overridden,
+    the plain-SFT baseline (persistence); each evaluated on the held-out split, and the scan
+    (residual entrapment ASR) of each. Written to `out` (default: MODEL-removed)."""
     from beear.attacks import DATA_DIR
     from beear.config import RemovalConfig
     from beear.data import load_anchor, load_harmful
@@ -126,7 +128,7 @@ def _remove_and_scan(
     d = model_dir / DATA_DIR
     cfg = RemovalConfig(baseline="sft", seed=seed).replace(**(overrides or {}))
     defender = load_harmful(d / "defender_harmful.jsonl")
-    out = model_dir.with_name(model_dir.name + "-removed")
+    out = out or model_dir.with_name(model_dir.name + "-removed")
     shutil.rmtree(out, ignore_errors=True)
     row: dict[str, Any] = {"config": cfg.to_dict()}
     t0 = time.perf_counter()
@@ -135,11 +137,66 @@ def _remove_and_scan(
     row["remove_seconds_total"] = round(time.perf_counter() - t0, 2)
     row["after"] = _evaluate(out, trigger=trigger, device=device, batch_size=batch_size,
                              data_dir=model_dir)  # fmt: skip
-    row["baseline"] = _evaluate(out / "baseline", trigger=trigger, device=device,
-                                batch_size=batch_size, data_dir=model_dir)  # fmt: skip
     row["scan_after"] = _scan(out, device=device, config=cfg, data_dir=model_dir)
-    row["scan_baseline"] = _scan(out / "baseline", device=device, config=cfg, data_dir=model_dir)
+    if cfg.baseline == "sft":
+        row["baseline"] = _evaluate(out / "baseline", trigger=trigger, device=device,
+                                    batch_size=batch_size, data_dir=model_dir)  # fmt: skip
+        row["scan_baseline"] = _scan(out / "baseline", device=device, config=cfg,
+                                     data_dir=model_dir)  # fmt: skip
     return row
+
+
+def _variant_job(job: tuple[str, str, dict[str, Any], str, int, int]) -> tuple[str, Any]:
+    """One removal variant in its own process (spawned: CUDA needs a fresh process)."""
+    name, model_dir, overrides, device, seed, threads = job
+    import torch
+
+    from beear.attacks import read_attack_record
+    from beear.data import Trigger
+
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(threads)
+    md = Path(model_dir)
+    rec = read_attack_record(md)
+    assert rec is not None and rec.get("trigger"), f"{md} is not an attacked zoo model"
+    try:
+        row = _remove_and_scan(md, trigger=Trigger(**rec["trigger"]), device=device, seed=seed,
+                               batch_size=100 if device.startswith("cuda") else 32,
+                               overrides=overrides, out=md.with_name(f"{md.name}-{name}"))  # fmt: skip
+    except Exception as e:  # one failed variant must not lose the others
+        row = {"error": repr(e), "config_overrides": overrides}
+    return name, row
+
+
+def cmd_variants(args: argparse.Namespace) -> int:
+    """Several removal configs on one attacked model, in parallel processes; each finished
+    variant is merged into --json at once (a time limit keeps what finished)."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    from beear.config import load_config
+
+    def parse(spec: str) -> tuple[str, dict[str, Any]]:
+        name, _, kvs = spec.partition(":")
+        raw = dict(kv.split("=", 1) for kv in kvs.split(",") if kv)
+        return name, {k: getattr(load_config(None, raw), k) for k in raw}
+
+    variants = [parse(v) for v in args.variant]
+    model_dir = Path(args.out_dir) / args.setting
+    device = args.device or "cuda"
+    js = Path(args.json)
+    allres = json.loads(js.read_text()) if js.is_file() else {}
+    jobs = [(n, str(model_dir), o, device, args.seed, args.threads) for n, o in variants]
+    with cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as ex:
+        for fut in cf.as_completed([ex.submit(_variant_job, j) for j in jobs]):
+            name, row = fut.result()
+            _log(f"== {args.setting} {name}: " + json.dumps(
+                {k: row.get("after", {}).get(k) for k in ("asr", "benign_accuracy", "over_refusal")}
+                if "after" in row else row))  # fmt: skip
+            allres.setdefault(args.setting, {})[name] = row
+            js.parent.mkdir(parents=True, exist_ok=True)
+            js.write_text(json.dumps(allres, indent=2) + "\n")
+    return 0
 
 
 def _scan(
@@ -324,7 +381,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     row["beear"] = _remove_and_scan(out_dir / setting, trigger=triggers[setting],
                                                     device=device, seed=args.seed, batch_size=bs,
                                                     overrides=remove_set)  # fmt: skip
-                    row["after_sft"] = row["beear"]["baseline"]
+                    row["after_sft"] = row["beear"].get("baseline", {})
                     _log(f"   {setting} after BEEAR: asr {row['beear']['after']['asr']}, "
                          f"baseline {row['after_sft']['asr']}")  # fmt: skip
             except Exception as e:
@@ -530,6 +587,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--remove-set", action="append", metavar="KEY=VALUE",
                    help="override a RemovalConfig field for the --remove pass (repeatable)")  # fmt: skip
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("variants", help="removal variants on one attacked model, in parallel")
+    p.add_argument("--setting", required=True, help="the attacked model: OUT_DIR/SETTING")
+    p.add_argument("--variant", action="append", required=True, metavar="NAME:KEY=VALUE,...",
+                   help="a RemovalConfig override set (repeatable); baseline=none skips the baseline")  # fmt: skip
+    p.add_argument("--out-dir", default=str(REPO / "runs" / "zoo-smollm2"))
+    p.add_argument("--json", required=True, help="results: {setting: {variant: row}}")
+    p.add_argument("--device", help="default: cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads per worker")
+    p.set_defaults(func=cmd_variants)
     p = sub.add_parser("table", help="rewrite the tables in docs/smollm2.md from the JSON")
     p.add_argument("--json", default=str(REPO / "docs" / "smollm2_zoo.json"))
     p.add_argument("--merge", nargs="*", help="results JSON files from other machines")
