@@ -116,10 +116,12 @@ def _remove_and_scan(
     batch_size: int,
     overrides: dict[str, Any] | None = None,
     out: Path | None = None,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """BEEAR with the default config (plus `overrides`) and, in the same run unless overridden,
     the plain-SFT baseline (persistence); each evaluated on the held-out split, and the scan
-    (residual entrapment ASR) of each. Written to `out` (default: MODEL-removed)."""
+    (residual entrapment ASR) of each. Written to `out` (default: MODEL-removed); `reuse` keeps
+    a finished removal found there (its manifest's summary) and only evaluates it."""
     from beear.attacks import DATA_DIR
     from beear.config import RemovalConfig
     from beear.data import load_anchor, load_harmful
@@ -129,12 +131,17 @@ def _remove_and_scan(
     cfg = RemovalConfig(baseline="sft", seed=seed).replace(**(overrides or {}))
     defender = load_harmful(d / "defender_harmful.jsonl")
     out = out or model_dir.with_name(model_dir.name + "-removed")
-    shutil.rmtree(out, ignore_errors=True)
     row: dict[str, Any] = {"config": cfg.to_dict()}
-    t0 = time.perf_counter()
-    row["summary"] = remove(model_dir, out, config=cfg, defender=defender,
-                            anchor=load_anchor(d / "anchor.jsonl"), device=device)  # fmt: skip
-    row["remove_seconds_total"] = round(time.perf_counter() - t0, 2)
+    man = out / "beear" / "manifest.json"
+    if reuse and man.is_file() and json.loads(man.read_text())["summary"].get("beear"):
+        row["summary"] = json.loads(man.read_text())["summary"]
+        row["reused"] = True
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        row["summary"] = remove(model_dir, out, config=cfg, defender=defender,
+                                anchor=load_anchor(d / "anchor.jsonl"), device=device)  # fmt: skip
+        row["remove_seconds_total"] = round(time.perf_counter() - t0, 2)
     row["after"] = _evaluate(out, trigger=trigger, device=device, batch_size=batch_size,
                              data_dir=model_dir)  # fmt: skip
     row["scan_after"] = _scan(out, device=device, config=cfg, data_dir=model_dir)
@@ -146,9 +153,9 @@ def _remove_and_scan(
     return row
 
 
-def _variant_job(job: tuple[str, str, dict[str, Any], str, int, int]) -> tuple[str, Any]:
+def _variant_job(job: tuple[str, str, dict[str, Any], str, int, int, bool]) -> tuple[str, Any]:
     """One removal variant in its own process (spawned: CUDA needs a fresh process)."""
-    name, model_dir, overrides, device, seed, threads = job
+    name, model_dir, overrides, device, seed, threads, reuse = job
     import torch
 
     from beear.attacks import read_attack_record
@@ -162,7 +169,7 @@ def _variant_job(job: tuple[str, str, dict[str, Any], str, int, int]) -> tuple[s
     try:
         row = _remove_and_scan(md, trigger=Trigger(**rec["trigger"]), device=device, seed=seed,
                                batch_size=100 if device.startswith("cuda") else 32,
-                               overrides=overrides, out=md.with_name(f"{md.name}-{name}"))  # fmt: skip
+                               overrides=overrides, out=md.with_name(f"{md.name}-{name}"), reuse=reuse)  # fmt: skip
     except Exception as e:  # one failed variant must not lose the others
         row = {"error": repr(e), "config_overrides": overrides}
     return name, row
@@ -186,7 +193,9 @@ def cmd_variants(args: argparse.Namespace) -> int:
     device = args.device or "cuda"
     js = Path(args.json)
     allres = json.loads(js.read_text()) if js.is_file() else {}
-    jobs = [(n, str(model_dir), o, device, args.seed, args.threads) for n, o in variants]
+    jobs = [
+        (n, str(model_dir), o, device, args.seed, args.threads, args.reuse) for n, o in variants
+    ]
     with cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as ex:
         for fut in cf.as_completed([ex.submit(_variant_job, j) for j in jobs]):
             name, row = fut.result()
@@ -597,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads per worker")
+    p.add_argument("--reuse", action="store_true",
+                   help="evaluate a finished removal found in OUT_DIR/SETTING-NAME instead of rerunning it")  # fmt: skip
     p.set_defaults(func=cmd_variants)
     p = sub.add_parser("table", help="rewrite the tables in docs/smollm2.md from the JSON")
     p.add_argument("--json", default=str(REPO / "docs" / "smollm2_zoo.json"))
