@@ -147,3 +147,18 @@ def test_bad_files(tmp_path: Path) -> None:
         load_config(_toml(tmp_path, "outer_steps = = 3\n"))
     with pytest.raises(ConfigError, match="expected a table of settings"):
         load_config(_toml(tmp_path, "[1, 2]", name="c.json"))
+
+
+def test_shipped_config_files_load_and_change_what_they_say() -> None:
+    """Every config file in docs/configs loads, and each of its keys differs from the default
+    (a file restating defaults would claim settings it does not change)."""
+    import tomllib
+
+    files = sorted((Path(__file__).resolve().parents[1] / "docs" / "configs").glob("*.toml"))
+    assert files
+    for f in files:
+        cfg = load_config(f, {})
+        raw = tomllib.loads(f.read_text())
+        assert raw
+        for key, value in raw.items():
+            assert getattr(cfg, key) == value != getattr(RemovalConfig(), key), (f.name, key)
