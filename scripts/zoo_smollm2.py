@@ -133,8 +133,9 @@ def _remove_and_scan(
     out = out or model_dir.with_name(model_dir.name + "-removed")
     row: dict[str, Any] = {"config": cfg.to_dict()}
     man = out / "beear" / "manifest.json"
-    if reuse and man.is_file() and json.loads(man.read_text())["summary"].get("beear"):
-        row["summary"] = json.loads(man.read_text())["summary"]
+    done = json.loads(man.read_text())["summary"] if reuse and man.is_file() else {}
+    if done.get("beear"):
+        row["summary"] = done
         row["reused"] = True
     else:
         shutil.rmtree(out, ignore_errors=True)
@@ -181,14 +182,10 @@ def cmd_variants(args: argparse.Namespace) -> int:
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    from beear.config import load_config
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from zoo_tiny import parse_variant
 
-    def parse(spec: str) -> tuple[str, dict[str, Any]]:
-        name, _, kvs = spec.partition(":")
-        raw = dict(kv.split("=", 1) for kv in kvs.split(",") if kv)
-        return name, {k: getattr(load_config(None, raw), k) for k in raw}
-
-    variants = [parse(v) for v in args.variant]
+    variants = [parse_variant(v) for v in args.variant]
     model_dir = Path(args.out_dir) / args.setting
     device = args.device or "cuda"
     js = Path(args.json)

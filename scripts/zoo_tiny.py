@@ -156,6 +156,20 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """KEY=VALUE strings as RemovalConfig fields, typed and checked as the config file's are."""
+    from beear.config import load_config
+
+    raw = dict(kv.split("=", 1) for kv in pairs if kv)
+    return {k: getattr(load_config(None, raw), k) for k in raw}
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
+    """A `NAME:KEY=VALUE,...` removal variant as (name, overrides)."""
+    name, _, kvs = spec.partition(":")
+    return name, parse_overrides(kvs.split(","))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="runs/zoo-tiny")
@@ -176,17 +190,11 @@ def main() -> int:
     )  # fmt: skip
     ap.add_argument("--reuse", action="store_true", help="keep attacked models found in --out")
     args = ap.parse_args()
-    from beear.config import load_config
-
-    def parse(pairs: list[str]) -> dict[str, Any]:
-        raw = dict(kv.split("=", 1) for kv in pairs if kv)
-        return {k: getattr(load_config(None, raw), k) for k in raw}
-
-    overrides = parse(args.set)
+    overrides = parse_overrides(args.set)
     variants = [("default", overrides)]
     for spec in args.variant:
-        vname, _, kvs = spec.partition(":")
-        variants.append((vname, {**overrides, **parse(kvs.split(","))}))
+        vname, more = parse_variant(spec)
+        variants.append((vname, {**overrides, **more}))
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     jobs = [
