@@ -30,6 +30,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from zoo_tiny import parse_overrides, parse_variant  # noqa: E402  (the scripts' shared parsing)
+
 DOC = REPO / "docs" / "smollm2.md"
 BEGIN, END = "<!-- zoo-table:begin -->", "<!-- zoo-table:end -->"
 
@@ -181,9 +185,6 @@ def cmd_variants(args: argparse.Namespace) -> int:
     variant is merged into --json at once (a time limit keeps what finished)."""
     import concurrent.futures as cf
     import multiprocessing as mp
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from zoo_tiny import parse_variant
 
     variants = [parse_variant(v) for v in args.variant]
     model_dir = Path(args.out_dir) / args.setting
@@ -371,7 +372,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 _log(f"!! {setting} persistence failed: {e!r}")
                 row["after_sft"] = {"error": repr(e)}
             _merge_into(js, kind, results)
-    remove_set = {k: json.loads(v) for k, _, v in (x.partition("=") for x in args.remove_set or [])}
+    remove_set = parse_overrides(args.remove_set or [])
     if args.remove:
         for setting in settings:
             row = results["settings"][setting]

@@ -320,7 +320,7 @@ def train_sft(
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
         if progress is not None:
             progress(step, losses[-1])
     model.eval()

@@ -232,7 +232,7 @@ def run_beear(
             continue
         st.bad_steps = 0
         opt.step()
-        rec.update(loss=float(loss), **parts)
+        rec.update(loss=float(loss.detach()), **parts)
 
         # 3. trigger-free check and best-checkpoint selection
         if step % cfg.check_every == 0 or step == cfg.outer_steps:

@@ -270,7 +270,11 @@ def _plot_asr_utility(evals: dict[str, dict[str, Any]], path: Path) -> Path | No
 
 # Loss-curve panels: (title, y label, record keys); a panel is drawn when any record has a key.
 _LOSS_PANELS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("Model update (AR)", "nats", ("loss", "safe_ce", "anchor_ce", "anchor_delta_ce", "anchor_kl")),
+    (
+        "Model update (AR)",
+        "nats",
+        ("loss", "safe_ce", "anchor_ce", "anchor_delta_ce", "anchor_kl", "anchor_delta_kl"),
+    ),
     ("Entrapment (BEE)", "loss / cross-entropy", ("bee_loss", "bee_unwanted_ce")),
     ("Universal perturbation", "‖δ‖", ("delta_norm",)),
 )
