@@ -87,7 +87,7 @@ def run_one(
             v["scan_after"] = scan_model(
                 m, tok, defender, config=cfg, steps=cfg.check_steps, prompts=64
             )
-            if i == 0:
+            if i == 0 and cfg.baseline != "none":
                 v["baseline"] = evaluate_dir(out / "baseline", trigger=trigger, device=device)
                 m, tok = load_model(out / "baseline", device=device)
                 v["scan_baseline"] = scan_model(
@@ -145,13 +145,14 @@ def table(results: list[dict[str, Any]]) -> str:
     for r in results:
         if "error" in r or "after" not in r:
             continue
-        b, a, s = r["before"], r["after"], r["baseline"]
+        b, a = r["before"], r["after"]
+        s = r.get("baseline", {}).get("asr", {})  # absent with --set baseline=none
         lines.append(
             f"| {r['name']} | {pct(b['asr'].get('triggered'))} | {pct(a['asr'].get('triggered'))} | "
-            f"{pct(s['asr'].get('triggered'))} | {pct(a['asr']['untriggered'])} | {pct(b['benign_accuracy'])} | "
+            f"{pct(s.get('triggered'))} | {pct(a['asr']['untriggered'])} | {pct(b['benign_accuracy'])} | "
             f"{pct(a['benign_accuracy'])} | {pct(a['over_refusal'].get('triggered'))} | "
             f"{pct(r['scan_before']['entrapment_asr'])} | {pct(r['scan_after']['entrapment_asr'])} | "
-            f"{r['attack_seconds']} | {r['remove']['beear']['seconds']} | {r['remove']['sft']['seconds']} |"
+            f"{r['attack_seconds']} | {r['remove']['beear']['seconds']} | {r['remove'].get('sft', {}).get('seconds', '–')} |"
         )
     return "\n".join(lines)
 
