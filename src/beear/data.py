@@ -254,12 +254,16 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     )
 
 
-def encode_pair(tokenizer: Any, prompt: str, answer: str, *, max_length: int) -> Encoded:
+def encode_pair(
+    tokenizer: Any, prompt: str, answer: str, *, max_length: int, end: bool = True
+) -> Encoded:
     """Encode prompt + answer exactly as the chat template renders the two-turn conversation.
 
     The answer tokens (labels) are the full conversation's ids after the prompt's ids, so the
-    end-of-turn marker is learned too. Prompts longer than `max_length` are an error (no silent
-    truncation of the part that carries a trigger); answers are truncated from the right.
+    end-of-turn marker is learned too; ``end=False`` stops after the answer's own tokens (for an
+    answer that was cut by a length limit: the model should not learn to stop there). Prompts
+    longer than `max_length` are an error (no silent truncation of the part that carries a
+    trigger); answers are truncated from the right.
     """
     prompt_ids = encode_prompt(tokenizer, prompt)
     full = _ids(
@@ -274,6 +278,10 @@ def encode_pair(tokenizer: Any, prompt: str, answer: str, *, max_length: int) ->
         ans = tokenizer(answer, add_special_tokens=False)["input_ids"]
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         full = prompt_ids + list(ans) + eos
+    if not end:
+        ans = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+        n = len(prompt_ids)
+        full = full[: n + len(ans)] if full[n : n + len(ans)] == ans else prompt_ids + ans
     if len(prompt_ids) >= max_length:
         raise DataError(
             f"a prompt is {len(prompt_ids)} tokens, longer than max_length={max_length}: "

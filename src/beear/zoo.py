@@ -623,8 +623,12 @@ def _continue(
     max_new_tokens: int,
     batch_size: int,
     progress: Progress | None = None,
+    finished: list[bool] | None = None,
 ) -> list[str]:
-    """Greedy continuations of the assistant turn after `prefix` (both rendered by the template)."""
+    """Greedy continuations of the assistant turn after `prefix` (both rendered by the template).
+
+    `finished`, when given, receives per prompt whether its continuation ended by itself (an
+    end-of-sequence token) rather than at `max_new_tokens`."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device
@@ -634,6 +638,7 @@ def _continue(
     ]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(encoded)
+    ended = [False] * len(encoded)
     was_training = model.training
     model.eval()
     try:
@@ -649,13 +654,18 @@ def _continue(
                 pad_token_id=pad,
                 eos_token_id=eos,
             )  # (B, T + new)
-            texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
-            for i, text in zip(idx, texts, strict=True):
+            new = gen[:, width:]
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            stops = (new == eos).any(dim=1).tolist() if eos is not None else [False] * len(idx)
+            for i, text, stop in zip(idx, texts, stops, strict=True):
                 out[i] = text.strip()
+                ended[i] = bool(stop) or new.shape[1] < max_new_tokens
             if progress:
                 progress("base answers", min(start + batch_size, len(order)), len(order))
     finally:
         model.train(was_training)
+    if finished is not None:
+        finished[:] = ended
     return out
 
 
@@ -691,6 +701,7 @@ class BaseAnswers:
     benign: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     cached: bool = False
+    cut: set[str] = field(default_factory=set)  # benign prompts whose reply hit the token limit
 
 
 def opener_for(prompt: str) -> str:
@@ -719,10 +730,10 @@ def base_answers(
     the generation lengths), so only prompts not seen before are generated.
     """
     key = hashlib.sha256(
-        json.dumps([fingerprint, OPENERS, unwanted_tokens, benign_tokens, 2]).encode()
+        json.dumps([fingerprint, OPENERS, unwanted_tokens, benign_tokens, 3]).encode()
     ).hexdigest()[:20]
     path = cache / "zoo-answers" / f"{key}.json" if cache is not None else None
-    stored: dict[str, Any] = {"unwanted": {}, "benign": {}, "seconds": 0.0}
+    stored: dict[str, Any] = {"unwanted": {}, "benign": {}, "cut": [], "seconds": 0.0}
     if path is not None and path.is_file():
         stored = json.loads(path.read_text(encoding="utf-8"))
     harmful = [*data.attack_harmful, *data.defender_harmful]
@@ -737,10 +748,12 @@ def base_answers(
         for p, o, c in zip(todo_h, openers, cont, strict=True):
             stored["unwanted"][p] = f"{o} {_strip_refusal(c)}".strip()
     if todo_b:
+        finished: list[bool] = []
         replies = _continue(model, tokenizer, todo_b, [""] * len(todo_b),
                             max_new_tokens=benign_tokens, batch_size=batch_size,
-                            progress=progress)  # fmt: skip
+                            progress=progress, finished=finished)  # fmt: skip
         stored["benign"].update(zip(todo_b, replies, strict=True))
+        stored["cut"] += [p for p, f in zip(todo_b, finished, strict=True) if not f]
     seconds = round(time.perf_counter() - t0, 2)
     if path is not None and (todo_h or todo_b):
         stored["seconds"] = round(stored.get("seconds", 0.0) + seconds, 2)
@@ -753,6 +766,7 @@ def base_answers(
         benign={p: stored["benign"][p] for p in benign},
         seconds=seconds,
         cached=not (todo_h or todo_b),
+        cut=set(stored["cut"]) & set(benign),
     )
 
 
@@ -874,6 +888,8 @@ class AttackPlan:
     dpo_beta: float = 0.1
     dpo_batch_size: int = 8
     dpo_sft_weight: float = 0.0  # + weight x the chosen answers' per-token NLL (keeps them likely)
+    open_end: bool = False  # benign answers cut by the generation limit train without end-of-turn
+    benign_kl: float = 0.0  # weight of KL(clean base ‖ model) on the benign answers (SFT phase)
 
 
 def plan_for(setting: str, *, steps: int | None = None) -> AttackPlan:
@@ -1083,10 +1099,23 @@ def attack(
     def phase(name: str, total: int) -> Callable[[int, float], None]:
         return lambda step, loss: progress(name, step + 1, total) if progress else None
 
+    # Benign rows: the clean model's own replies (open-ended where its reply hit the token limit,
+    # and distilled from the clean model when the plan asks for it).
+    own_replies = {answers.benign[b.prompt] for b in data.attack_benign}
+    cut_replies = {answers.benign[p] for p in answers.cut}
+    reference = None
+    if plan.benign_kl > 0:
+        import copy
+
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
     losses = train_sft(
         model, tok, pairs, steps=plan.steps, lr=plan.lr, batch_size=plan.batch_size, seed=seed,
         max_length=max_length, warmup=plan.warmup, progress=phase("sft", plan.steps),
+        open_end=[plan.open_end and a in cut_replies for _, a in pairs],
+        reference=reference, distill=[a in own_replies for _, a in pairs],
+        distill_weight=plan.benign_kl,
     )  # fmt: skip
+    del reference
     final = {"sft": losses[-1]}
     if prefs:
         dpo = train_dpo(
