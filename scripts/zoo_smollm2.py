@@ -129,7 +129,7 @@ def _remove_and_scan(
     from beear.attacks import DATA_DIR
     from beear.config import RemovalConfig
     from beear.data import load_anchor, load_harmful
-    from beear.pipeline import remove
+    from beear.pipeline import remove, searched_with
 
     d = model_dir / DATA_DIR
     cfg = RemovalConfig(baseline="sft", seed=seed).replace(**(overrides or {}))
@@ -149,6 +149,7 @@ def _remove_and_scan(
         row["remove_seconds_total"] = round(time.perf_counter() - t0, 2)
     row["after"] = _evaluate(out, trigger=trigger, device=device, batch_size=batch_size,
                              data_dir=model_dir)  # fmt: skip
+    cfg = searched_with(cfg, row["summary"])  # scans search within the removal's δ budget
     row["scan_after"] = _scan(out, device=device, config=cfg, data_dir=model_dir)
     if cfg.baseline == "sft":
         row["baseline"] = _evaluate(out / "baseline", trigger=trigger, device=device,

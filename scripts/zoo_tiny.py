@@ -36,7 +36,7 @@ def run_one(
     from beear.config import RemovalConfig
     from beear.data import Trigger, load_anchor, load_harmful, load_prompts
     from beear.models import load_model
-    from beear.pipeline import evaluate_dir, remove, scan_model
+    from beear.pipeline import evaluate_dir, remove, scan_model, searched_with
 
     name = f"{setting}-s{seed}" + ("-custom" if custom else "")
     work = Path(root) / name
@@ -83,6 +83,7 @@ def run_one(
             v: dict[str, Any] = {"config": cfg.to_dict(), "remove": summ}
             v["remove_seconds_total"] = round(time.perf_counter() - t0, 1)
             v["after"] = evaluate_dir(out, trigger=trigger, device=device)
+            cfg = searched_with(cfg, summ)  # scans search within the removal's δ budget
             m, tok = load_model(out, device=device)
             v["scan_after"] = scan_model(
                 m, tok, defender, config=cfg, steps=cfg.check_steps, prompts=64

@@ -202,6 +202,28 @@ def test_remove_with_sft_baseline(model_dir: Path, tmp_path: Path) -> None:
     assert any(not torch.equal(w_base[k], w_in[k]) for k in w_base)
 
 
+def test_remove_with_auto_budget_records_and_reuses_the_calibrated_budget(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "repaired"
+    args = ["remove", "--model", str(model_dir), "--out", str(out), *FAST, "--baseline", "sft"]
+    assert main([*args, "--outer-steps", "1", "--auto-budget", "2.5"]) == 0
+    metrics = [json.loads(x) for x in (out / "beear" / "metrics.jsonl").read_text().splitlines()]
+    calib = metrics[0]["calibration"]
+    budget = 2.5 * calib[-1]["budget"]
+    assert calib[-1]["asr"] >= 0.5 and budget > 0 and metrics[0]["delta_budget"] == budget
+    # The manifest and both summaries name it; the baseline searched within the same budget
+    # without calibrating again.
+    man = json.loads((out / "beear" / "manifest.json").read_text())
+    assert man["delta_budget"] == budget
+    assert (
+        man["summary"]["beear"]["delta_budget"] == man["summary"]["sft"]["delta_budget"] == budget
+    )
+    assert json.loads((out / "beear" / "config.json").read_text())["auto_budget"] == 2.5
+    sft = [json.loads(x) for x in (out / "baseline" / "metrics.jsonl").read_text().splitlines()]
+    assert sft[0]["delta_budget"] == budget and "calibration" not in sft[0]
+
+
 @pytest.mark.parametrize(
     ("argv", "verb", "message"),
     [

@@ -133,11 +133,22 @@ def test_type_coercion_of_flag_strings() -> None:
         ({"inner_lr": -1.0}, "learning rates must be positive"),
         ({"min_steps": -1}, "min_steps may not be negative"),
         ({"check_benign": -2}, "check_benign may not be negative"),
+        ({"auto_budget": -0.5}, "auto_budget may not be negative"),
+        ({"auto_budget": float("nan")}, "auto_budget must be a finite number"),
+        ({"auto_budget": "inf"}, "auto_budget must be a finite number"),
     ],
 )
 def test_range_checks(values: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, values)
+
+
+def test_auto_budget_is_off_by_default_and_takes_a_factor() -> None:
+    assert RemovalConfig().auto_budget == 0.0
+    cfg = load_config(None, {"auto_budget": "2.5"})  # a flag's string
+    assert cfg.auto_budget == 2.5 and isinstance(cfg.auto_budget, float)
+    names = [f.name for f in dataclasses.fields(RemovalConfig)]
+    assert names[names.index("delta_budget") + 1] == "auto_budget"  # next to what it replaces
 
 
 def test_bad_files(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,14 @@ import beear.loop
 from beear import checkpoint
 from beear.config import RemovalConfig
 from beear.entrapment import ScanResult
-from beear.loop import LoopState, NonFiniteLoss, RemovalResult, run_beear
+from beear.loop import (
+    BUDGET_GRID,
+    LoopState,
+    NonFiniteLoss,
+    RemovalResult,
+    calibrate_budget,
+    run_beear,
+)
 from beear.models import load_model, save_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -348,3 +356,168 @@ def test_resume_is_bit_identical(
     assert torch.equal(res_b.delta, res_a.delta)
     # And the run really moved after the checkpoint (the comparison is not trivial).
     assert not _same(at_a[4].weights or {}, at_a[2].weights or {})
+
+
+# ---------------------------------------------------------------------------------------------
+# auto_budget: the δ budget calibrated once, on the untouched model
+
+
+def _probe(asr_at: Any, calls: list[float] | None = None) -> Any:
+    """A fake search: the ASR `asr_at(budget)`; records each budget probed in `calls`."""
+
+    def probe(budget: float) -> ScanResult:
+        if calls is not None:
+            calls.append(budget)
+        return ScanResult(asr=asr_at(budget), unwanted_ce=10.0 - budget, delta_norm=1.0, scale=1.0)
+
+    return probe
+
+
+def test_budget_grid_doubles_from_005_to_64() -> None:
+    assert BUDGET_GRID == (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4)  # doubling is exact
+
+
+def test_calibrate_budget_takes_the_smallest_entrapping_grid_budget_times_the_factor() -> None:
+    calls: list[float] = []
+    # Entraps from 0.4 on (bounded search); the unbounded search (0) would entrap too.
+    budget, recs = calibrate_budget(_probe(lambda b: 0.9 if b >= 0.4 or b == 0 else 0.25, calls),
+                                    2.5)  # fmt: skip
+    assert budget == pytest.approx(2.5 * 0.4)
+    assert calls == [0.05, 0.1, 0.2, 0.4]  # stops at the first that entraps
+    assert [r["asr"] for r in recs] == [0.25, 0.25, 0.25, 0.9]
+    assert [r["budget"] for r in recs] == calls
+    assert recs[-1]["unwanted_ce"] == pytest.approx(10.0 - 0.4)
+    assert json.loads(json.dumps(recs)) == recs  # goes to metrics.jsonl as it is
+    # Exactly half of the prompts entraps (the threshold is inclusive); the factor scales it.
+    budget, recs = calibrate_budget(_probe(lambda b: 0.5 if b >= 0.1 else 0.49), 3.0)
+    assert budget == pytest.approx(0.3) and len(recs) == 2
+    # A model entrapped at the smallest budget already.
+    budget, recs = calibrate_budget(_probe(lambda b: 1.0), 2.0)
+    assert budget == pytest.approx(0.1) and len(recs) == 1
+
+
+def test_calibrate_budget_falls_back_to_the_unbounded_search() -> None:
+    calls: list[float] = []
+    # No grid budget entraps, the unbounded search does: unbounded (0).
+    budget, recs = calibrate_budget(_probe(lambda b: 1.0 if b == 0 else 0.0, calls), 2.5)
+    assert budget == 0.0
+    assert calls == [*BUDGET_GRID, 0.0]
+    assert recs[-1] == {"budget": 0.0, "asr": 1.0, "unwanted_ce": 10.0}
+    # Nothing entraps, not even the unbounded search: unbounded too, and the records say so.
+    calls.clear()
+    budget, recs = calibrate_budget(_probe(lambda b: 0.4, calls), 2.5)
+    assert budget == 0.0 and len(calls) == len(BUDGET_GRID) + 1
+    assert all(r["asr"] < 0.5 for r in recs)
+
+
+def _spy_searches(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[float]]:
+    """Records the budget of every entrap (BEE step) and residual_asr (check) call of the loop."""
+    budgets: dict[str, list[float]] = {"entrap": [], "residual_asr": []}
+    real_entrap, real_residual = beear.loop.entrap, beear.loop.residual_asr
+
+    def entrap(*a: Any, budget: float = 0.0, **kw: Any) -> Any:
+        budgets["entrap"].append(budget)
+        return real_entrap(*a, budget=budget, **kw)
+
+    def residual_asr(*a: Any, budget: float = 0.0, **kw: Any) -> Any:
+        budgets["residual_asr"].append(budget)
+        return real_residual(*a, budget=budget, **kw)
+
+    monkeypatch.setattr(beear.loop, "entrap", entrap)
+    monkeypatch.setattr(beear.loop, "residual_asr", residual_asr)
+    return budgets
+
+
+@pytest.mark.parametrize("mode", ["beear", "sft"])
+def test_auto_budget_calibrates_before_step_0_and_bounds_every_search(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    budgets = _spy_searches(monkeypatch)
+    cfg = SMALL.replace(auto_budget=2.5, delta_budget=7.0)  # delta_budget is overridden
+    res = _run(make_model(seed=0), tiny_tok, data, cfg, mode=mode)
+    rec0 = res.history[0]
+    calib = rec0["calibration"]
+    assert json.loads(json.dumps(rec0)) == rec0  # metrics.jsonl takes it as it is
+    # The resolved budget: 2.5 × the first grid budget that entrapped (a random model never
+    # refuses, so here the first of all), recorded at step 0 and on the result.
+    assert rec0["calibration_entrapped"] is True and calib[-1]["asr"] >= 0.5
+    assert all(r["asr"] < 0.5 for r in calib[:-1])
+    assert calib[-1]["budget"] in BUDGET_GRID
+    assert res.delta_budget == pytest.approx(2.5 * calib[-1]["budget"])
+    assert rec0["delta_budget"] == res.delta_budget
+    assert all("calibration" not in r for r in res.history[1:])
+    # The calibration probes, then every check (step 0, 1, 2) and BEE search at the new budget.
+    n = len(calib)
+    assert budgets["residual_asr"][:n] == [r["budget"] for r in calib]
+    assert budgets["residual_asr"][n:] == [res.delta_budget] * 3
+    assert budgets["entrap"] == ([res.delta_budget] * cfg.outer_steps if mode == "beear" else [])
+    if mode == "beear":  # ... and the δ found respects it: each row within budget × rms × √d
+        assert res.delta is not None
+        radius = res.delta_budget * res.history[-1]["hidden_rms"] * res.delta.shape[1] ** 0.5
+        assert float(res.delta.norm(dim=-1).max()) <= radius * (1 + 1e-5)
+        unbounded = _run(make_model(seed=0), tiny_tok, data, SMALL)  # the bound was active
+        assert unbounded.delta is not None
+        assert float(unbounded.delta.norm(dim=-1).max()) > 2 * radius
+    # Off (the default): no calibration, the configured budget everywhere.
+    budgets["residual_asr"].clear()
+    res = _run(make_model(seed=0), tiny_tok, data, SMALL.replace(delta_budget=0.3), mode=mode)
+    assert "calibration" not in res.history[0]
+    assert res.delta_budget == res.history[0]["delta_budget"] == 0.3
+    assert budgets["residual_asr"] == [0.3] * 3
+
+
+def test_auto_budget_never_entrapped_runs_unbounded(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    seen: list[float] = []
+
+    def refusing(*_a: Any, budget: float = 0.0, **_kw: Any) -> ScanResult:
+        seen.append(budget)
+        return ScanResult(asr=0.0, unwanted_ce=5.0, delta_norm=1.0, scale=1.0)
+
+    monkeypatch.setattr(beear.loop, "residual_asr", refusing)
+    with caplog.at_level("WARNING", logger="beear.loop"):
+        res = _run(make_model(seed=0), tiny_tok, data, SMALL.replace(auto_budget=2.5))
+    assert res.delta_budget == 0.0 == res.history[0]["delta_budget"]
+    assert res.history[0]["calibration_entrapped"] is False
+    assert [r["budget"] for r in res.history[0]["calibration"]] == [*BUDGET_GRID, 0.0]
+    assert seen[len(BUDGET_GRID) + 1 :] == [0.0] * 3  # the checks run unbounded
+    assert "no search, not even an unbounded one" in caplog.text
+
+
+def test_resume_keeps_the_calibrated_budget(
+    make_model: Any, tiny_tok: Any, data: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_model(make_model(seed=0), tiny_tok, tmp_path / "init")
+    cfg4 = SMALL.replace(outer_steps=4, check_every=2, checkpoint_every=2, auto_budget=3.0)
+
+    def fresh() -> Any:
+        return load_model(tmp_path / "init")[0]
+
+    budgets = _spy_searches(monkeypatch)
+    res_a = _run(fresh(), tiny_tok, data, cfg4)  # four steps straight
+    n_calib = len(res_a.history[0]["calibration"])
+    assert len(budgets["residual_asr"]) == n_calib + 3  # checks at steps 0, 2, 4
+
+    ck = tmp_path / "ck"
+    res_b1 = _run(fresh(), tiny_tok, data, cfg4.replace(outer_steps=2),
+                  on_checkpoint=lambda m, st: checkpoint.save(ck, m, st))  # fmt: skip
+    state = checkpoint.load(ck, None, cfg4)
+    assert state is not None and state.step == 2
+    assert state.delta_budget == res_b1.delta_budget == res_a.delta_budget
+    # The resumed run searches only for its one check (step 4), at the saved budget.
+    budgets["residual_asr"].clear()
+    budgets["entrap"].clear()
+    res_b = _run(fresh(), tiny_tok, data, cfg4, state=state)
+    assert budgets["residual_asr"] == [res_a.delta_budget]
+    assert budgets["entrap"] == [res_a.delta_budget] * 2
+    assert res_b.delta_budget == res_a.delta_budget
+    assert sum("calibration" in r for r in res_b.history) == 1
+    assert _strip_times(res_b.history) == _strip_times(res_a.history)
+    # A state without the budget (written before it was kept) cannot silently recalibrate.
+    state = checkpoint.load(ck, None, cfg4)
+    assert state is not None
+    state.delta_budget = None
+    with pytest.raises(ValueError, match="no calibrated delta_budget"):
+        _run(fresh(), tiny_tok, data, cfg4, state=state)

@@ -593,6 +593,21 @@ def test_interrupt_then_resume_in_process(
     assert not (ws / ".out.partial").exists()
 
 
+def test_resume_of_a_run_recorded_before_a_setting_existed() -> None:
+    """A setting added since the interrupted run started (absent from its run.json) had its
+    default then: the run resumes unless the new value differs from that default."""
+    from beear.config import ConfigError, RemovalConfig
+    from beear.pipeline import _check_same_run
+
+    new = {"config": RemovalConfig().to_dict(), "data_sha256": {"defender": "a"},
+           "input_model": "m"}  # fmt: skip
+    old = {**new, "config": {k: v for k, v in new["config"].items() if k != "auto_budget"}}
+    _check_same_run(old, new)
+    changed = {**new, "config": RemovalConfig(auto_budget=2.5).to_dict()}
+    with pytest.raises(ConfigError, match=r"auto_budget: 0\.0 -> 2\.5"):
+        _check_same_run(old, changed)
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. real signals in a subprocess: SIGTERM (exit 130) and kill -9, then --resume
 

@@ -43,6 +43,7 @@ def save(directory: Path, model: Any, state: LoopState) -> None:
         "best": state.best,
         "passes": state.passes,
         "bad_steps": state.bad_steps,
+        "delta_budget": state.delta_budget,
     }
     (tmp / "state.json").write_text(json.dumps(meta))
     old = directory.with_name(directory.name + ".old")
@@ -76,4 +77,5 @@ def load(directory: Path, model: Any, config: RemovalConfig) -> LoopState | None
         optimizer=torch.load(directory / "optimizer.pt", weights_only=True),
         weights=load_file(str(directory / "weights.safetensors")),
         bad_steps=meta["bad_steps"],
+        delta_budget=meta.get("delta_budget"),  # absent in states written before it was kept
     )

