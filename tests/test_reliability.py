@@ -398,6 +398,14 @@ DATA_CASES: list[tuple[str, str, str, list[str], tuple[str, ...]]] = [
     ("negative minimum steps", "x", "", ["--min-steps", "-3"], ("min_steps may not be negative",)),
     ("negative δ budget", "x", "", ["--delta-budget", "-1"], ("delta_budget may not be negative",)),
     ("NaN δ budget", "x", "", ["--delta-budget", "nan"], ("delta_budget must be a finite",)),
+    (
+        "negative auto budget",
+        "x",
+        "",
+        ["--auto-budget", "-2"],
+        ("auto_budget may not be negative",),
+    ),
+    ("infinite auto budget", "x", "", ["--auto-budget", "inf"], ("auto_budget must be a finite",)),
     ("unknown anchoring loss", "x", "", ["--anchor-loss", "mse"], ("invalid choice",)),
     (
         "unknown anchoring loss in a config",

