@@ -390,7 +390,7 @@ def test_calibrate_budget_takes_the_smallest_entrapping_grid_budget_times_the_fa
     assert json.loads(json.dumps(recs)) == recs  # goes to metrics.jsonl as it is
     # Exactly half of the prompts entraps (the threshold is inclusive); the factor scales it.
     budget, recs = calibrate_budget(_probe(lambda b: 0.5 if b >= 0.1 else 0.49), 3.0)
-    assert budget == pytest.approx(0.3) and len(recs) == 2
+    assert budget == 0.3 and len(recs) == 2  # rounded: not 0.30000000000000004
     # A model entrapped at the smallest budget already.
     budget, recs = calibrate_budget(_probe(lambda b: 1.0), 2.0)
     assert budget == pytest.approx(0.1) and len(recs) == 1

@@ -126,7 +126,7 @@ def calibrate_budget(
         r = probe(b)
         records.append({"budget": b, "asr": r.asr, "unwanted_ce": r.unwanted_ce})
         if r.asr >= threshold:
-            return (factor * b if b > 0 else 0.0), records
+            return (round(factor * b, 6) if b > 0 else 0.0), records  # 0.3, not 0.30000000000000004
     return 0.0, records
 
 
