@@ -39,6 +39,7 @@ attacks)
         --variant "${TINY_VARIANT:-a25:auto_budget=2.5}" \
         >"$OUT/tiny.log" 2>&1 &
     wait
+    pkill -9 -f "multiprocessing.spawn" || true  # zoo_tiny's pool workers, if cut by `timeout`
     cp "$BX/zt/results.json" "$OUT/tiny.json" 2>/dev/null
     cp "$BX/zt/results.md" "$OUT/tiny.md" 2>/dev/null
     cp "$BX/zt/partial.json" "$OUT/tiny_partial.json" 2>/dev/null
@@ -63,6 +64,9 @@ removals)
             >"$BX/v_${s}_$which.log" 2>&1 &
     done
     wait
+    # `timeout` stops the parent only: its spawn workers would run on into the next call. A
+    # removal saves a checkpoint every 20 outer steps; `removals WHICH --reuse` resumes it.
+    pkill -9 -f "multiprocessing.spawn" || true
     # One file each (the device tool returns a limited number of files).
     python -c "import glob, json, sys; json.dump({f: json.load(open(f)) for f in glob.glob(sys.argv[1])}, open(sys.argv[2], 'w'))" \
         "$BX/v_*_$which.json" "$OUT/removals_$which.json"

@@ -129,7 +129,7 @@ def _remove_and_scan(
     from beear.attacks import DATA_DIR
     from beear.config import RemovalConfig
     from beear.data import load_anchor, load_harmful
-    from beear.pipeline import remove, searched_with
+    from beear.pipeline import remove, resumable, searched_with
 
     d = model_dir / DATA_DIR
     cfg = RemovalConfig(baseline="sft", seed=seed).replace(**(overrides or {}))
@@ -142,11 +142,27 @@ def _remove_and_scan(
         row["summary"] = done
         row["reused"] = True
     else:
-        shutil.rmtree(out, ignore_errors=True)
+        # With `reuse`, a removal cut short (a signal checkpoints it) continues where it stopped.
+        again = reuse and resumable(out)
+        if not again:
+            shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
+
+        def step(mode: str, rec: dict[str, Any]) -> None:
+            if rec.get("step", 0) % 10 == 0:  # a cut call still shows how far each run got
+                _log(
+                    f"   {out.name} {mode} step {rec.get('step')} ({time.perf_counter() - t0:.0f} s)"
+                )
+
         row["summary"] = remove(model_dir, out, config=cfg, defender=defender,
-                                anchor=load_anchor(d / "anchor.jsonl"), device=device)  # fmt: skip
+                                anchor=load_anchor(d / "anchor.jsonl"), device=device,
+                                resume=again, on_step=step)  # fmt: skip
         row["remove_seconds_total"] = round(time.perf_counter() - t0, 2)
+        if again:
+            row["resumed"] = True
+        if row["summary"].get("interrupted"):
+            row["error"] = "interrupted (checkpointed: run again with --reuse to continue)"
+            return row
     row["after"] = _evaluate(out, trigger=trigger, device=device, batch_size=batch_size,
                              data_dir=model_dir)  # fmt: skip
     cfg = searched_with(cfg, row["summary"])  # scans search within the removal's δ budget
