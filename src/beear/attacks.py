@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from beear.data import AnchorExample, HarmfulExample, Trigger, collate, encode_pair, write_jsonl
+from beear.entrapment import answer_positions
 
 log = logging.getLogger(__name__)
 
@@ -355,11 +356,10 @@ def _distill_kl(reference: Any, batch: Any, logits: torch.Tensor, rows: list[int
     """Mean KL(reference ‖ model) over the answer-predicting positions of `rows` of a batch."""
     r = torch.tensor(rows, device=logits.device)
     ids, att, lab = batch.input_ids[r], batch.attention_mask[r], batch.labels[r]
-    where = lab[:, 1:] != -100  # position t predicts answer token t + 1
     with torch.no_grad():
         ref = reference(input_ids=ids, attention_mask=att, use_cache=False).logits
-        target = torch.log_softmax(ref[:, :-1][where].float(), dim=-1)
-    own = torch.log_softmax(logits[r][:, :-1][where].float(), dim=-1)
+        target = answer_positions(ref, lab)
+    own = answer_positions(logits[r], lab)
     return (target.exp() * (target - own)).sum(-1).mean()
 
 
