@@ -226,17 +226,16 @@ def run_beear(
     if st.step == 0 and not st.history:
         # The δ budget of every search: calibrated once on the untouched model (auto_budget),
         # else the configured one. It is part of the resumable state: never recalibrated.
-        budget = st.delta_budget = cfg.delta_budget
-        calibration = None
+        budget, calibration = cfg.delta_budget, None
         if cfg.auto_budget > 0:
             budget, calibration = calibrate_budget(search, cfg.auto_budget)
-            st.delta_budget = budget
             if calibration[-1]["asr"] < ENTRAPPED:
                 log.warning(
                     "auto_budget: no search, not even an unbounded one, entrapped %g of the check "
                     "prompts (ASR %.2f); the searches run unbounded",
                     ENTRAPPED, calibration[-1]["asr"],
                 )  # fmt: skip
+        st.delta_budget = budget
         # Step 0 record: where the model starts (the check of the untouched model).
         chk = check()
         rec0: dict[str, Any] = {"step": 0, "mode": mode, **chk, "delta_budget": budget}
