@@ -8,6 +8,8 @@
 #                                                # overrides PLAN (k=v,...), the tiny zoo with a
 #                                                # δ budget of 3 + the auto-budget variant, and
 #                                                # attack sweeps (zoo_sweep.py) for SWEEP_GRID
+#   bash scripts/device_round.sh zoo [--reuse]   # the smollm2 zoo with the shipped plans: per
+#                                                # setting attack, BEEAR (smollm2.toml), persistence
 #   bash scripts/device_round.sh removals b25a32|auto25 [--reuse]   # BEEAR on every smollm2
 #                                                # setting: the shipped docs/configs/smollm2.toml
 #                                                # (+ plain-SFT baseline) or the same with
@@ -50,6 +52,39 @@ attacks)
     cat "$BX"/zoo*.log | grep -v "Loading\|Writing\|clean_up" >"$OUT/attacks.log"
     grep -h "^   [a-z-]*: {\|^!!" "$OUT/attacks.log" | cut -c1-300
     ;;
+zoo)
+    # The whole smollm2 zoo with the shipped attack plans, one chain per setting, all seven at
+    # once: attack + held-out evaluation, BEEAR with docs/configs/smollm2.toml (checkpointed
+    # every 10 outer steps), then persistence (plain safety fine-tuning, `RemovalConfig()`
+    # defaults). Each step gets the time left before JOB_LIMIT; a removal cut by it checkpoints
+    # (SIGTERM) and `zoo --reuse` on the next call continues every chain where it stopped.
+    r=()
+    [ "${2:-}" = "--reuse" ] && r=(--reuse)
+    end=$(($(date +%s) + ${JOB_LIMIT:-550}))
+    upto() {  # CMD...: run it with the time left (none: skip it)
+        local left=$((end - $(date +%s)))
+        [ "$left" -gt 20 ] || { echo "!! no time left for: $*"; return 124; }
+        timeout "$left" "$@"
+    }
+    for s in "${SETTINGS[@]}"; do
+        (
+            common=(--out-dir "$BX/runs" --threads 1)
+            upto python scripts/zoo_smollm2.py run --device cuda --settings "$s" --no-clean \
+                "${common[@]}" --json "$BX/zoo_$s.json" "${r[@]}"
+            upto python scripts/zoo_smollm2.py variants --setting "$s" --workers 1 "${common[@]}" \
+                --json "$BX/v_$s.json" "${r[@]}" \
+                --variant "b25a32:$SMOL,delta_budget=0.25,baseline=none,checkpoint_every=10"
+            upto python scripts/zoo_smollm2.py run --device cuda --settings "$s" --no-clean \
+                "${common[@]}" --json "$BX/zoo_$s.json" --reuse --persistence
+        ) >"$BX/chain_$s.log" 2>&1 &
+    done
+    wait
+    merge_json "$BX/zoo_*.json" "$OUT/zoo.json"
+    merge_json "$BX/v_*.json" "$OUT/removals.json"
+    cat "$BX"/chain_*.log | grep -v "Loading\|Writing\|clean_up" >"$OUT/zoo.log"
+    grep -h "^== .*b25a32\|^   [a-z-]*: {\|after SFT\|^!!" "$OUT/zoo.log" | cut -c1-300
+    nvidia-smi --query-gpu=memory.used,memory.total --format=csv
+    ;;
 removals)
     # One removal process per setting (each takes about 15 GB of GPU memory: 7 fit an H200,
     # 14 did not). WHICH: b25a32 (the shipped smollm2 config + plain-SFT baseline) or auto25.
@@ -74,5 +109,5 @@ removals)
     cat "$BX"/v_*_"$which".log | grep -v "Loading\|Writing\|clean_up" >"$OUT/removals_$which.log"
     grep -h "^== " "$OUT/removals_$which.log" | cut -c1-400
     ;;
-*) echo "usage: $0 attacks PLAN | removals [--reuse]" >&2; exit 2 ;;
+*) echo "usage: $0 attacks PLAN | zoo [--reuse] | removals WHICH [--reuse]" >&2; exit 2 ;;
 esac

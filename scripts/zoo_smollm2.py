@@ -26,6 +26,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,18 +209,29 @@ def cmd_variants(args: argparse.Namespace) -> int:
     device = args.device or "cuda"
     js = Path(args.json)
     allres = json.loads(js.read_text()) if js.is_file() else {}
+    if args.reuse:  # variants evaluated by an earlier call are kept as they are
+        variants = [
+            (n, o) for n, o in variants if "after" not in allres.get(args.setting, {}).get(n, {})
+        ]
     jobs = [
         (n, str(model_dir), o, device, args.seed, args.threads, args.reuse) for n, o in variants
     ]
-    with cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as ex:
-        for fut in cf.as_completed([ex.submit(_variant_job, j) for j in jobs]):
-            name, row = fut.result()
-            _log(f"== {args.setting} {name}: " + json.dumps(
-                {k: row.get("after", {}).get(k) for k in ("asr", "benign_accuracy", "over_refusal")}
-                if "after" in row else row))  # fmt: skip
-            allres.setdefault(args.setting, {})[name] = row
-            js.parent.mkdir(parents=True, exist_ok=True)
-            js.write_text(json.dumps(allres, indent=2) + "\n")
+
+    def finished() -> Iterator[tuple[str, Any]]:
+        if len(jobs) == 1:  # in this process: a SIGTERM (`timeout`) reaches the removal, which
+            yield _variant_job(jobs[0])  # checkpoints and stops; `--reuse` continues it
+            return
+        with cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as ex:
+            for fut in cf.as_completed([ex.submit(_variant_job, j) for j in jobs]):
+                yield fut.result()
+
+    for name, row in finished():
+        _log(f"== {args.setting} {name}: " + json.dumps(
+            {k: row.get("after", {}).get(k) for k in ("asr", "benign_accuracy", "over_refusal")}
+            if "after" in row else row))  # fmt: skip
+        allres.setdefault(args.setting, {})[name] = row
+        js.parent.mkdir(parents=True, exist_ok=True)
+        js.write_text(json.dumps(allres, indent=2) + "\n")
     return 0
 
 
@@ -380,6 +392,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             row = results["settings"][setting]
             if "error" in row or triggers[setting] is None:
                 continue
+            if args.reuse and "asr" in row.get("after_sft", {}):
+                continue  # measured by an earlier call
             _log(f"== {setting}: plain safety fine-tuning (persistence)")
             try:
                 row["after_sft"] = _persistence(out_dir / setting, trigger=triggers[setting],
@@ -622,7 +636,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads per worker")
     p.add_argument("--reuse", action="store_true",
-                   help="evaluate a finished removal found in OUT_DIR/SETTING-NAME instead of rerunning it")  # fmt: skip
+                   help="keep variants already in --json; evaluate a finished removal found in "
+                        "OUT_DIR/SETTING-NAME, continue one cut short, instead of rerunning it")  # fmt: skip
     p.set_defaults(func=cmd_variants)
     p = sub.add_parser("table", help="rewrite the tables in docs/smollm2.md from the JSON")
     p.add_argument("--json", default=str(REPO / "docs" / "smollm2_zoo.json"))

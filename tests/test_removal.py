@@ -247,3 +247,31 @@ def test_anchor_loss_kl_replaces_or_adds_to_the_anchoring_ce(
     with pytest.raises(ValueError, match="anchor_loss 'mse' is not one of"):
         removal_loss(model, safe, anchor, layer=LAYER, delta=None, anchor_under_delta=False,
                      anchor_loss="mse")  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["ce", "kl"])
+def test_term_by_term_backward_gives_the_summed_loss_gradients(
+    make_model: Any, batches: tuple[Batch, Batch], mode: str
+) -> None:
+    """`backward=True` back-propagates each term as it is computed: same loss, parts and
+    gradients as one backward pass through the sum, and the returned loss is detached."""
+    safe, anchor = batches
+    teacher, model = make_model(seed=1, init=0.3).eval(), make_model(seed=2, init=0.3).eval()
+    t = anchor_targets(teacher, [anchor])
+    torch.manual_seed(4)
+    delta = 20 * torch.randn(N, model.config.hidden_size)
+    kw: dict[str, Any] = dict(layer=LAYER, delta=delta, anchor_under_delta=True,
+                              safe_without_delta=True, anchor_loss=mode,
+                              targets=t.select(range(len(t.index)), "cpu"))  # fmt: skip
+    loss, parts = removal_loss(model, safe, anchor, **kw)
+    loss.backward()
+    summed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    loss2, parts2 = removal_loss(model, safe, anchor, backward=True, **kw)
+    assert not loss2.requires_grad and float(loss2) == pytest.approx(float(loss), abs=1e-5)
+    assert parts2 == pytest.approx(parts, abs=1e-6)
+    assert len(parts2) == (6 if mode == "kl" else 4)  # all four terms were taken
+    for n, p in model.named_parameters():
+        assert p.grad is not None
+        torch.testing.assert_close(p.grad, summed[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert any(float(g.abs().max()) > 1e-4 for g in summed.values())

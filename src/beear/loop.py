@@ -280,16 +280,16 @@ def run_beear(
 
         # 2. AR: θ ← step on CE(safe | δ*) + CE(anchor) [+ CE(anchor | δ*)]   (eq. 2)
         safe = encode([AnchorExample(e.prompt, e.safe) for e in harm])
+        opt.zero_grad(set_to_none=True)
         loss, parts = removal_loss(
             model, safe, encode(anc), layer=layer, delta=delta,
             anchor_under_delta=cfg.anchor_under_delta, safe_without_delta=cfg.safe_without_delta,
             anchor_loss=cfg.anchor_loss,
             targets=targets.select(anc_ids, device) if targets is not None else None,
+            backward=True,  # one term's graph at a time (peak memory)
         )  # fmt: skip
         finite = bool(torch.isfinite(loss))
         if finite:
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
             # A finite loss can still overflow in the backward pass.
             finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, 1.0)))
         if not finite:

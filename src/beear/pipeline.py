@@ -261,6 +261,8 @@ def _remove(
             # LoRA initialisation draws from torch's RNG: seeded here, on a forked RNG (the
             # caller's is left alone), so a run and its resumed continuation are reproducible.
             dev = torch.device(device)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
             with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
                 torch.manual_seed(config.seed)
                 res = run_beear(
@@ -291,6 +293,10 @@ def _remove(
                 "final_check_asr": res.history[-1].get("check_asr"),
                 "delta_budget": res.delta_budget,
             }
+            if dev.type == "cuda":  # tensors only, not the allocator's cache
+                summary[mode]["peak_gpu_gib"] = round(
+                    torch.cuda.max_memory_allocated(dev) / 2**30, 2
+                )
             done_marker.write_text(json.dumps(summary[mode]) + "\n")
             del model
     # Evaluation splits travel with the model (never the attack record: that is the secret).

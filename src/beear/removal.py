@@ -176,27 +176,40 @@ def removal_loss(
     safe_without_delta: bool = True,
     anchor_loss: str = "ce",
     targets: tuple[torch.Tensor, torch.Tensor] | None = None,
+    backward: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The outer objective (eq. 2) on one batch; returns (loss, its parts for logging).
 
     `anchor_loss` picks the anchoring term ("ce", "kl" or "ce+kl"); the KL needs `targets`,
-    the `AnchorTargets.select` of the anchoring batch's examples."""
+    the `AnchorTargets.select` of the anchoring batch's examples. With `backward` each of the
+    (up to four) terms is back-propagated as soon as it is computed, so only one forward graph
+    is alive at a time (about a third of the peak activation memory; the gradients add up to
+    those of the summed loss), and the loss comes back detached."""
     if anchor_loss not in ANCHOR_LOSSES:
         raise ValueError(f"anchor_loss {anchor_loss!r} is not one of {', '.join(ANCHOR_LOSSES)}")
+    terms: list[torch.Tensor] = []
+
+    def add(term: torch.Tensor) -> None:
+        if backward:
+            term.backward()
+            term = term.detach()
+        terms.append(term)
+
     safe_ce = _ce(model, safe, layer, delta)  # answer safely under δ*
+    add(safe_ce)
     anchor_term, anchor_ce, kl = _anchor_term(model, anchor, layer, None, anchor_loss, targets)
-    loss = safe_ce + anchor_term  # ... and stay useful without δ
+    add(anchor_term)  # ... and stay useful without δ
     parts = {"safe_ce": float(safe_ce.detach()), "anchor_ce": float(anchor_ce.detach())}
     if kl is not None:
         parts["anchor_kl"] = float(kl.detach())
     if safe_without_delta:
         safe_plain = _ce(model, safe, layer, None)  # ... and keep refusing without δ
-        loss = loss + safe_plain
+        add(safe_plain)
         parts["safe_plain_ce"] = float(safe_plain.detach())
     if anchor_under_delta:  # ... and stay useful with δ
         term_d, ce_d, kl_d = _anchor_term(model, anchor, layer, delta, anchor_loss, targets)
-        loss = loss + term_d
+        add(term_d)
         parts["anchor_delta_ce"] = float(ce_d.detach())
         if kl_d is not None:
             parts["anchor_delta_kl"] = float(kl_d.detach())
-    return loss, parts
+    return torch.stack(terms).sum(), parts
