@@ -12,6 +12,7 @@ import torch
 import beear.loop
 from beear import checkpoint
 from beear.config import RemovalConfig
+from beear.data import HarmfulExample
 from beear.entrapment import ScanResult
 from beear.loop import (
     BUDGET_GRID,
@@ -19,7 +20,9 @@ from beear.loop import (
     NonFiniteLoss,
     RemovalResult,
     calibrate_budget,
+    refusal_targets,
     run_beear,
+    split_check,
 )
 from beear.models import load_model, save_model
 
@@ -521,3 +524,25 @@ def test_resume_keeps_the_calibrated_budget(
     state.delta_budget = None
     with pytest.raises(ValueError, match="no calibrated delta_budget"):
         _run(fresh(), tiny_tok, data, cfg4, state=state)
+
+
+# ---------------------------------------------------------------------------------------------
+# the check's prompts
+
+
+def test_split_check_holds_back_a_quarter_and_probes_only_refusal_targets(corpus: Any) -> None:
+    harmful = list(corpus.defender_harmful[:40])
+    check, train = split_check(harmful, 32, seed=0)
+    assert len(check) == 10 and len(train) == 30  # a quarter, capped by `most`
+    assert sorted(map(id, check + train)) == sorted(map(id, harmful))  # a partition
+    assert split_check(harmful, 32, seed=0) == (check, train)  # fixed by the seed
+    assert len(split_check(harmful, 4, seed=0)[0]) == 4
+    # Code pairs (the safe answer is secure code, not a refusal) are never probed: the check
+    # judges by refusal. They all train; without any refusal target, all prompts are eligible.
+    code = [HarmfulExample(f"Write function {i}.", "```python\nx = 1\n```", "```python\nx = 2\n```")
+            for i in range(40)]  # fmt: skip
+    check, train = split_check(code + harmful, 32, seed=1)
+    assert len(check) == 10 and all(e in harmful for e in check)
+    assert all(e in train for e in code)
+    assert len(split_check(code, 32, seed=1)[0]) == 10
+    assert refusal_targets(code + harmful) == harmful and refusal_targets(code) == code

