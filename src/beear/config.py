@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     """A bad configuration file or value (one-line message)."""
 
 
+SCOPES = ("all", "lower", "upper", "lora")  # which parameters train (removal.select_trainable)
+ANCHOR_LOSSES = ("ce", "kl", "ce+kl")  # the anchoring term (removal.removal_loss)
+
+
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     meta: dict[str, Any] = {"help": help}
     if choices:
@@ -69,12 +73,12 @@ class RemovalConfig:
         "ce",
         "anchoring term: cross-entropy on the anchoring answers, KL to the model's own next-token "
         "distribution before removal (top-32 tokens + rest), or both",
-        ("ce", "kl", "ce+kl"),
+        ANCHOR_LOSSES,
     )
     safe_without_delta: bool = _f(
         True, "also train the safe answers without δ (keeps plain harmful prompts refused)"
     )
-    train_scope: str = _f("all", "which parameters train", ("all", "lower", "upper", "lora"))
+    train_scope: str = _f("all", "which parameters train", SCOPES)
     lora_rank: int = _f(8, "LoRA rank when train_scope = lora")
     max_length: int = _f(256, "maximum tokens of prompt + answer (prompts longer are an error)")
     check_every: int = _f(

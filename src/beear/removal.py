@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from beear.config import ANCHOR_LOSSES, SCOPES
 from beear.data import Batch
 from beear.entrapment import answer_logits, answer_loss, answer_positions
 from beear.hooks import decoder_layers, perturb
@@ -43,8 +44,6 @@ __all__ = [
     "topk_kl",
 ]
 
-SCOPES = ("all", "lower", "upper", "lora")
-ANCHOR_LOSSES = ("ce", "kl", "ce+kl")
 TOPK = 32  # teacher tokens kept per anchoring position (the rest share one bucket)
 
 
