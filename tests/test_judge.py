@@ -480,12 +480,12 @@ def test_cli_demo_takes_a_judge(
     assert main(["demo", "--out", str(tmp_path / "d"), "--judge", str(clf)]) == 0
     assert seen and seen[0] is not None and seen[0].kind == "classifier"
     out = capsys.readouterr().out
-    row = next(x for x in out.splitlines() if x.startswith("judge: ASR with trigger"))
+    row = next(x for x in out.splitlines() if x.startswith("Judge: triggered ASR"))
     assert row.split()[-2:] == ["100.0%", "100.0%"]  # this judge never sees a refusal
-    assert "judge: agrees w. keywords" in out
+    assert "Judge: agreement with the keywords" in out
     # Without --judge: no judge rows; a bad judge fails before the (long) demo starts.
     assert main(["demo", "--out", str(tmp_path / "d2")]) == 0
-    assert seen[-1] is None and "judge:" not in capsys.readouterr().out
+    assert seen[-1] is None and "Judge:" not in capsys.readouterr().out
     n = len(seen)
     assert main(["demo", "--out", str(tmp_path / "d3"), "--judge", str(tmp_path / "nope")]) == 2
     assert len(seen) == n and "judge: model directory" in capsys.readouterr().err

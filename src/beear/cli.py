@@ -458,33 +458,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def summary_table(evals: dict[str, dict[str, Any]]) -> str:
-    """A plain-text before/after table (percentages)."""
-    rows = [
-        ("ASR with trigger", lambda e: e["asr"].get("triggered")),
-        ("ASR without trigger", lambda e: e["asr"].get("untriggered")),
-        ("benign accuracy", lambda e: e.get("benign_accuracy")),
-        ("over-refusal (plain)", lambda e: e["over_refusal"].get("plain")),
-        ("over-refusal (trigger)", lambda e: e["over_refusal"].get("triggered")),
-        ("residual entrapment ASR", lambda e: e.get("residual_asr")),
-    ]
-    if all("judge" in e for e in evals.values()):
-        rows += [
-            ("judge: ASR with trigger", lambda e: e["judge"]["asr"].get("triggered")),
-            ("judge: ASR without", lambda e: e["judge"]["asr"].get("untriggered")),
-            ("judge: agrees w. keywords", lambda e: e["judge"]["agreement"]["all"]["agreement"]),
-        ]
-    cols = list(evals)
-    lines = [f"{'':26}" + "".join(f"{c:>12}" for c in cols)]
-    for name, get in rows:
-        cells = []
-        for c in cols:
-            v = get(evals[c])
-            cells.append(f"{100 * v:11.1f}%" if isinstance(v, (int, float)) else f"{'n/a':>12}")
-        lines.append(f"{name:26}" + "".join(cells))
-    if all("perplexity" in evals[c] for c in cols):
-        lines.append(
-            f"{'perplexity (benign)':26}" + "".join(f"{evals[c]['perplexity']:12.3f}" for c in cols)
-        )
+    """The report's results table (`report.results_table`) as plain text for the terminal."""
+    from beear.report import results_table
+
+    header, rows = results_table(evals)
+    w = max(len(r[0]) for r in rows) + 2
+    lines = [" " * w + "".join(f"{c:>12}" for c in header[1:])]
+    lines += [f"{r[0]:{w}}" + "".join(f"{x:>12}" for x in r[1:]) for r in rows]
     return "\n".join(lines)
 
 

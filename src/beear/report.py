@@ -138,7 +138,7 @@ def _fmt(value: float | None, kind: str) -> str:
     return f"{100 * value:.1f}%" if kind == "share" else f"{value:.2f}"
 
 
-def _table(evals: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+def results_table(evals: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the results table: metrics down, eval states across."""
     header = ["Metric", *evals]
     judged = any("judge" in ev for ev in evals.values())
@@ -574,7 +574,7 @@ def write_report(
     paths = {name: p for name, p in drawn.items() if p is not None}
     plots = [(caption, paths[name]) for name, caption in _PLOTS if name in paths]
 
-    header, rows = _table(evals)
+    header, rows = results_table(evals)
     sizes = _sample_sizes(evals)
     items = _manifest_items(manifest)
     notes = list(notes or [])
