@@ -12,6 +12,8 @@
 #                                                # setting attack, BEEAR (smollm2.toml), persistence
 #   bash scripts/device_round.sh setting NAME [--reuse] VARIANT...   # one setting's attack,
 #                                                # then removal variants side by side
+#   bash scripts/device_round.sh sweep GRID...   # attack-plan sweeps (zoo_sweep.py), one
+#                                                # process per JSON grid, side by side
 #   bash scripts/device_round.sh removals b25a32|auto25 [--reuse]   # BEEAR on every smollm2
 #                                                # setting: the shipped docs/configs/smollm2.toml
 #                                                # (+ plain-SFT baseline) or the same with
@@ -109,6 +111,22 @@ setting)
     cat "$BX/one_$s.log" "$BX"/w_"${s}"_*.log | grep -v "Loading\|Writing\|clean_up" >"$OUT/setting_$s.log"
     grep -h "^== \|^   [a-z-]*: {\|^!!" "$OUT/setting_$s.log" | cut -c1-400
     ;;
+sweep)
+    # Each GRID ('[["suffix-word", {"benign_kl": 1.0}], ...]') in its own zoo_sweep.py process;
+    # a variant whose row is already in that process's JSON is skipped, so a cut sweep continues
+    # on the next call. One file back: sweep.json, every row of every grid.
+    shift
+    i=0
+    for g in "$@"; do
+        upto python scripts/zoo_sweep.py --grid "$g" --out-dir "$BX/sweep$i" --device cuda \
+            --json "$BX/sweep_$i.json" >"$BX/sweep_$i.log" 2>&1 &
+        i=$((i + 1))
+    done
+    wait
+    python -c "import glob, json, sys; json.dump([r for f in sorted(glob.glob(sys.argv[1])) for r in json.load(open(f))], open(sys.argv[2], 'w'), indent=1)" "$BX/sweep_*.json" "$OUT/sweep.json"
+    cat "$BX"/sweep_*.log | grep -v "Loading\|Writing\|clean_up" >"$OUT/sweep.log"
+    grep -h "\]: trig\|^!!" "$OUT/sweep.log" | cut -c1-300
+    ;;
 removals)
     # One removal process per setting (each peaked at 6.9 GiB of GPU memory in stop 13, with
     # the removal loss back-propagated term by term; 14 at once died of OOM before that). WHICH: b25a32 (the shipped smollm2 config + plain-SFT baseline) or auto25.
@@ -133,5 +151,5 @@ removals)
     cat "$BX"/v_*_"$which".log | grep -v "Loading\|Writing\|clean_up" >"$OUT/removals_$which.log"
     grep -h "^== " "$OUT/removals_$which.log" | cut -c1-400
     ;;
-*) echo "usage: $0 attacks PLAN | zoo [--reuse] | setting NAME [--reuse] VARIANT... | removals WHICH [--reuse]" >&2; exit 2 ;;
+*) echo "usage: $0 attacks PLAN | zoo [--reuse] | sweep GRID... | setting NAME [--reuse] VARIANT... | removals WHICH [--reuse]" >&2; exit 2 ;;
 esac
