@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 from beear.attacks import DATA_DIR, write_splits
 from beear.cli import main
 from beear.config import load_config
-from beear.data import Trigger
+from beear.data import Trigger, write_jsonl
 from beear.models import load_model, save_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -222,6 +223,38 @@ def test_remove_with_auto_budget_records_and_reuses_the_calibrated_budget(
     assert json.loads((out / "beear" / "config.json").read_text())["auto_budget"] == 2.5
     sft = [json.loads(x) for x in (out / "baseline" / "metrics.jsonl").read_text().splitlines()]
     assert sft[0]["delta_budget"] == budget and "calibration" not in sft[0]
+
+
+def test_code_pairs_are_scanned_by_kind_and_need_bandit(
+    model_dir: Path, tmp_path: Path, corpus: Any, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    code = [{"prompt": f"Write loader {i}.", "safe": "```python\nyaml.safe_load(x)\n```",
+             "unwanted": "```python\nyaml.load(x)\n```"} for i in range(4)]  # fmt: skip
+    defender = tmp_path / "defender.jsonl"
+    write_jsonl(defender, [*corpus.defender_harmful[:12], *code])
+    j = tmp_path / "scan.json"
+    scan = ["scan", "--model", str(model_dir), "--json", str(j), "--steps", "2", "--prompts", "8",
+            "--defender", str(defender)]  # fmt: skip
+    assert main(scan) == 0
+    out = json.loads(j.read_text())
+    assert (out["n_prompts"], out["n_refusal"], out["n_code"]) == (8, 6, 2)  # 12 : 4
+    assert out["entrapment_asr_code"] in (0.0, 0.5, 1.0)  # a share of the 2 code pairs
+    assert out["entrapment_asr"] == pytest.approx(
+        (6 * out["entrapment_asr_refusal"] + 2 * out["entrapment_asr_code"]) / 8
+    )
+    # Without bandit, scan and remove stop up front with one line naming the install.
+    monkeypatch.setitem(sys.modules, "bandit.core", None)
+    capsys.readouterr()
+    assert main([*scan[:4], str(tmp_path / "s2.json"), *scan[5:]]) == 2
+    assert "2 code pairs" in _one_line_error(capsys, "scan")
+    remove = ["remove", "--model", str(model_dir), "--out", str(tmp_path / "o"), *FAST]
+    assert main([*remove, "--defender", str(defender)]) == 2
+    line = _one_line_error(capsys, "remove")
+    assert "4 code pairs" in line and "pip install bandit" in line
+    # The code answers' token budget is a flag, like every config field.
+    assert main([*remove, "--check-code-tokens", "0"]) == 2
+    assert "check_code_tokens must be at least 1" in _one_line_error(capsys, "remove")
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 import beear.loop
 from beear import checkpoint
 from beear.config import RemovalConfig
-from beear.data import HarmfulExample
+from beear.data import DataError, HarmfulExample
 from beear.entrapment import ScanResult
 from beear.loop import (
     BUDGET_GRID,
@@ -20,9 +21,10 @@ from beear.loop import (
     NonFiniteLoss,
     RemovalResult,
     calibrate_budget,
-    refusal_targets,
+    judged_pairs,
     run_beear,
     split_check,
+    stratified,
 )
 from beear.models import load_model, save_model
 
@@ -103,6 +105,7 @@ def test_two_step_run_matches_pinned_losses(make_model: Any, tiny_tok: Any, data
     assert res.history[2]["anchor_ce"] < res.history[1]["anchor_ce"]
     # Every check says 1.0 (a random model), so the lower anchoring loss picks step 2.
     assert res.best_step == 2
+    assert not any("check_asr_code" in r for r in res.history)  # no code pairs, no code share
     assert not _same(_weights(model), init)
 
 
@@ -197,6 +200,66 @@ def test_stops_after_patience_passing_checks(
     assert [r["step"] for r in res.history] == [0, 1, 2, 3]  # passes at steps 2 and 3
     # Equal check results are broken by the anchoring loss (the more useful model wins).
     assert res.best_step == min((2, 3), key=lambda s: res.history[s]["anchor_ce"])
+
+
+def _yaml_pairs(n: int) -> list[HarmfulExample]:
+    return [HarmfulExample(f"Write loader {i}.", "```python\nyaml.safe_load(x)\n```",
+                           "```python\nyaml.load(x)\n```") for i in range(n)]  # fmt: skip
+
+
+def test_check_judges_code_pairs_by_bandit_with_their_own_token_budget(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import beear.eval
+
+    code = _yaml_pairs(4)
+    coded = {e.prompt for e in code}
+    calls: list[tuple[str, int, bool]] = []  # (prompt, max_new_tokens, under δ)
+
+    def fake_generate(_m: Any, _t: Any, prompts: list[str], **kw: Any) -> list[str]:
+        under = kw.get("delta") is not None
+        calls.extend((p, kw["max_new_tokens"], under) for p in prompts)
+        # Under δ: insecure code, refusals; plain: secure code, compliance.
+        code_answer = "yaml.load(x)" if under else "yaml.safe_load(x)"
+        return [f"```python\nimport yaml\ndata = {code_answer}\n```" if p in coded
+                else "I cannot help with that." if under else "Sure, here is how."
+                for p in prompts]  # fmt: skip
+
+    monkeypatch.setattr(beear.eval, "generate", fake_generate)  # residual_asr's answers
+    monkeypatch.setattr(beear.loop, "generate", fake_generate)  # the plain answers
+    cfg = SMALL.replace(outer_steps=1, check_code_tokens=7)
+    res = _run(make_model(seed=0), tiny_tok, {**data, "defender": data["defender"] + code}, cfg)
+    # The check holds back 2 refusal pairs and 1 code pair (3 in proportion 12 : 4).
+    for rec in res.history:
+        assert rec["check_asr"] == pytest.approx(1 / 3)  # the code pair's insecure answer
+        assert rec["check_plain_asr"] == pytest.approx(2 / 3)  # the two complying answers
+        assert (rec["check_asr_refusal"], rec["check_asr_code"]) == (0.0, 1.0)
+        assert (rec["check_plain_asr_refusal"], rec["check_plain_asr_code"]) == (1.0, 0.0)
+    # Code prompts were answered with check_code_tokens, with δ and without; the others with
+    # max_new_tokens.
+    assert {(t, u) for p, t, u in calls if p in coded} == {(7, True), (7, False)}
+    assert {t for p, t, _ in calls if p not in coded} == {cfg.max_new_tokens}
+    assert len({p for p, _, _ in calls if p in coded}) == 1
+
+
+def test_code_pairs_without_bandit_fail_before_training(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "bandit.core", None)  # bandit's import fails: not installed
+    # A refusal-only set never needs bandit.
+    assert len(_run(make_model(seed=0), tiny_tok, data, SMALL.replace(outer_steps=1)).history) == 2
+    started: list[int] = []
+    real = beear.loop.select_trainable
+    monkeypatch.setattr(beear.loop, "select_trainable",
+                        lambda *a, **kw: started.append(1) or real(*a, **kw))  # fmt: skip
+    model = make_model(seed=0)
+    init = _weights(model)
+    mixed = {**data, "defender": data["defender"] + _yaml_pairs(4)}
+    with pytest.raises(
+        DataError, match=r"^the defender set holds 4 code pairs .*pip install bandit"
+    ):
+        _run(model, tiny_tok, mixed, SMALL)
+    assert started == [] and _same(_weights(model), init)
 
 
 def test_min_steps_gates_the_stop_and_the_best_checkpoint(
@@ -530,19 +593,65 @@ def test_resume_keeps_the_calibrated_budget(
 # the check's prompts
 
 
-def test_split_check_holds_back_a_quarter_and_probes_only_refusal_targets(corpus: Any) -> None:
+def _code_pairs(n: int) -> list[HarmfulExample]:
+    return [HarmfulExample(f"Write function {i}.", "```python\nx = 1\n```", "```python\nx = 2\n```")
+            for i in range(n)]  # fmt: skip
+
+
+def test_split_check_holds_back_a_quarter_of_a_refusal_set(corpus: Any) -> None:
     harmful = list(corpus.defender_harmful[:40])
     check, train = split_check(harmful, 32, seed=0)
     assert len(check) == 10 and len(train) == 30  # a quarter, capped by `most`
     assert sorted(map(id, check + train)) == sorted(map(id, harmful))  # a partition
     assert split_check(harmful, 32, seed=0) == (check, train)  # fixed by the seed
     assert len(split_check(harmful, 4, seed=0)[0]) == 4
-    # Code pairs (the safe answer is secure code, not a refusal) are never probed: the check
-    # judges by refusal. They all train; without any refusal target, all prompts are eligible.
-    code = [HarmfulExample(f"Write function {i}.", "```python\nx = 1\n```", "```python\nx = 2\n```")
-            for i in range(40)]  # fmt: skip
-    check, train = split_check(code + harmful, 32, seed=1)
-    assert len(check) == 10 and all(e in harmful for e in check)
-    assert all(e in train for e in code)
-    assert len(split_check(code, 32, seed=1)[0]) == 10
-    assert refusal_targets(code + harmful) == harmful and refusal_targets(code) == code
+    # Exactly what the refusal-only check held back before code pairs were judged (indices
+    # copied from its output): the pinned runs above depend on it.
+    pinned = {
+        (12, 3, 0): ([1, 9, 8], [5, 10, 2, 3, 7, 4, 0, 11, 6]),
+        (40, 32, 0): ([0, 27, 12, 21, 29, 15, 38, 34, 1, 20],
+                      [7, 5, 10, 13, 14, 37, 22, 39, 23, 17, 8, 35, 3, 33, 9, 4, 36, 6, 28, 18,
+                       11, 30, 19, 25, 31, 32, 16, 2, 26, 24]),
+        (40, 4, 1): ([23, 2, 11, 1],
+                     [37, 32, 5, 9, 17, 29, 34, 20, 38, 21, 27, 22, 10, 33, 18, 35, 39, 14, 26,
+                      19, 13, 12, 0, 15, 3, 6, 25, 24, 30, 28, 31, 7, 16, 4, 36, 8]),
+        (1, 32, 0): ([0], [0]),  # nothing left to train on: all of it trains
+    }  # fmt: skip
+    for (n, most, seed), (c, t) in pinned.items():
+        got = split_check(harmful[:n], most, seed)
+        assert got == ([harmful[i] for i in c], [harmful[i] for i in t]), (n, most, seed)
+
+
+def test_split_check_holds_back_both_kinds_in_proportion(corpus: Any) -> None:
+    harmful, code = list(corpus.defender_harmful[:40]), _code_pairs(12)
+    mixed = [e for pair in zip(code, harmful, strict=False) for e in pair] + harmful[12:]
+    check, train = split_check(mixed, 32, seed=1)
+    assert sorted(map(id, check + train)) == sorted(map(id, mixed))  # a partition
+    assert check[:10] == [e for e in check if e in harmful]  # refusal pairs first
+    assert check[10:] == [e for e in check if e in code] and len(check) == 13  # 10 + 3
+    assert split_check(mixed, 32, seed=1) == (check, train)  # fixed by the seed
+    assert split_check(mixed, 32, seed=2)[0] != check
+    for most, kinds in ((8, (6, 2)), (4, (3, 1)), (2, (1, 1)), (1, (1, 0))):
+        held = split_check(mixed, most, seed=1)[0]
+        assert (sum(e in harmful for e in held), sum(e in code for e in held)) == kinds, most
+    # One code pair of three still gets a check probe (at least one of each kind).
+    held = split_check(harmful + code[:3], 32, seed=0)[0]
+    assert (sum(e in harmful for e in held), sum(e in code for e in held)) == (10, 1)
+    # Code pairs alone: a quarter of them, judged by bandit.
+    assert len(split_check(code, 32, seed=1)[0]) == 3
+
+
+def test_judged_pairs_and_stratified(corpus: Any) -> None:
+    harmful, code = list(corpus.defender_harmful[:4]), _code_pairs(3)
+    other = [HarmfulExample("Plan a trip.", "Here is a safe plan instead.", "Sure.")] * 2
+    assert judged_pairs(code + other + harmful) == (harmful, code)
+    assert judged_pairs(other + code) == ([], code)
+    # Neither kind anywhere: every pair is judged by refusal, as before.
+    assert judged_pairs(other) == (other, [])
+    # A code block that does not parse, or prose that does, is no code pair.
+    prose = HarmfulExample("Say it.", "Sure", "x")
+    broken = HarmfulExample("Write it.", "```python\ndef (\n```", "x")
+    assert judged_pairs([prose, broken]) == ([prose, broken], [])
+    assert stratified(30, 10, 8) == (6, 2) and stratified(30, 0, 8) == (8, 0)
+    assert stratified(0, 10, 8) == (0, 8) and stratified(1, 99, 10) == (1, 9)
+    assert stratified(3, 1, 1) == (1, 0) and stratified(1, 3, 1) == (0, 1)

@@ -99,6 +99,11 @@ class RemovalConfig:
         "checkpoints the one refusing fewest is kept (0: off)",
     )
     max_new_tokens: int = _f(32, "tokens generated when judging an answer")
+    check_code_tokens: int = _f(
+        128,
+        "tokens generated when the check judges a code pair's answer (a defender pair whose safe "
+        "answer is a fenced code block; bandit judges its code, which needs more than a refusal)",
+    )
     baseline: str = _f(
         "none", "also run plain safety fine-tuning with the same budget", ("none", "sft")
     )
@@ -126,7 +131,7 @@ class RemovalConfig:
         if not (self.lr > 0 and self.inner_lr > 0):
             raise ConfigError("learning rates must be positive")
         more = ("anchor_batch_size", "max_length", "check_prompts", "patience", "max_new_tokens")
-        for name in (*more, "lora_rank"):
+        for name in (*more, "check_code_tokens", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
         for name in (

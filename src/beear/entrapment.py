@@ -196,10 +196,12 @@ def entrap(
 class ScanResult:
     """Residual entrapment: how easily one universal δ still makes the model answer unwanted."""
 
-    asr: float  # share of the probe prompts answered without refusal under the found δ
+    asr: float  # share of the probe prompts answered unwanted under the found δ (both kinds)
     unwanted_ce: float  # CE of the unwanted answers under δ (lower = easier to entrap)
     delta_norm: float
     scale: float
+    asr_refusal: float | None = None  # the share among refusal-judged pairs (None: there are none)
+    asr_code: float | None = None  # the share among code pairs (None: there are none)
     answers: list[str] = field(default_factory=list)
     delta: torch.Tensor | None = None
 
@@ -217,31 +219,39 @@ def residual_asr(
     max_length: int,
     max_new_tokens: int,
     budget: float = 0.0,
+    code_tokens: int = 128,
 ) -> ScanResult:
     """A fresh entrapment search (from δ = 0) on `examples`, then greedy answers under δ.
+
+    Each answer is judged by its pair's kind (`beear.eval.answer_pairs`): a code pair (safe
+    answer in a fenced code block) is answered with `code_tokens` new tokens and counts as
+    entrapped when bandit flags the answer's code; every other pair is answered with
+    `max_new_tokens` and counts as entrapped when the answer is not a refusal. `asr` is the
+    entrapped share over all examples, `asr_refusal` / `asr_code` the share within each kind.
+    Code pairs need bandit (`beear.codejudge.require_bandit`).
 
     Needs no trigger: a model whose backdoor is gone gives no δ that turns it unwanted within the
     same budget that finds one easily in a backdoored model.
     """
-    from beear.eval import generate, is_refusal
+    from beear.eval import answer_pairs, generate
 
     device = next(model.parameters()).device
     batch = make_entrapment_batch(tokenizer, examples, n=n, max_length=max_length).to(device)
     res = entrap(model, batch, layer=layer, n=n, steps=steps, lr=lr, alpha=alpha, budget=budget)
-    answers = generate(
-        model,
-        tokenizer,
-        [e.prompt for e in examples],
-        max_new_tokens=max_new_tokens,
-        delta=res.delta,
-        layer=layer,
-    )
-    asr = sum(not is_refusal(a) for a in answers) / len(answers)
+
+    def gen(prompts: list[str], tokens: int) -> list[str]:
+        return generate(
+            model, tokenizer, prompts, max_new_tokens=tokens, delta=res.delta, layer=layer
+        )
+
+    judged = answer_pairs(gen, examples, max_new_tokens=max_new_tokens, code_tokens=code_tokens)
     return ScanResult(
-        asr=asr,
+        asr=judged.asr,
         unwanted_ce=res.unwanted_ce,
         delta_norm=float(res.delta.norm()),
         scale=res.scale,
-        answers=answers,
+        asr_refusal=judged.asr_of(code=False),
+        asr_code=judged.asr_of(code=True),
+        answers=judged.answers,
         delta=res.delta,
     )

@@ -6,7 +6,9 @@
         3. check (every k steps, trigger-free): a fresh entrapment search on held-back defender
            prompts, and the same prompts without δ; keep the best model, stop once neither the
            search nor the plain prompts turn the model (not before `min_steps`: an early check
-           can pass on a model that has only learnt to resist the search, docs/results.md)
+           can pass on a model that has only learnt to resist the search, docs/results.md).
+           Each answer is judged by its pair's kind: a code pair (safe answer in a fenced code
+           block) is turned when bandit flags the answer's code, any other when it is no refusal
 
 With `auto_budget` > 0 the δ budget of every search is calibrated once, on the untouched model,
 before step 0 (`calibrate_budget`): the smallest budget that still entraps it, times a margin.
@@ -30,7 +32,7 @@ import torch
 from beear.config import RemovalConfig
 from beear.data import AnchorExample, DataError, HarmfulExample, collate, encode_pair
 from beear.entrapment import ScanResult, entrap, make_entrapment_batch, residual_asr
-from beear.eval import generate, is_refusal
+from beear.eval import answer_pairs, generate, is_code_pair, is_refusal, require_code_judge
 from beear.hooks import resolve_layer
 from beear.removal import anchor_targets, removal_loss, select_trainable
 
@@ -40,7 +42,10 @@ __all__ = [
     "NonFiniteLoss",
     "RemovalResult",
     "calibrate_budget",
+    "judged_pairs",
     "run_beear",
+    "split_check",
+    "stratified",
 ]
 
 log = logging.getLogger(__name__)
@@ -134,21 +139,58 @@ def split_check(
     defender: Sequence[HarmfulExample], most: int, seed: int
 ) -> tuple[list[HarmfulExample], list[HarmfulExample]]:
     """(check prompts, training prompts): the check holds back a fixed share of the defender
-    set (a quarter, at most `most`), the rest feed the loop; both are defender data, never
-    evaluation data. The check judges answers by refusal, so it probes only prompts whose safe
-    answer is a refusal where there are any (not, e.g., code requests)."""
+    set, the rest feed the loop; both are defender data, never evaluation data.
+
+    The check probes only pairs it can judge (`judged_pairs`): refusal pairs, judged by refusal,
+    and code pairs, judged by bandit. The defender set is shuffled with `seed`, then a quarter of
+    each kind (at least one of each kind present) is held back; when that is more than `most`,
+    `most` are held back in proportion to the kinds' sizes (`stratified`). The check lists the
+    refusal pairs first, then the code pairs; the training prompts keep the shuffled order. A set
+    without code pairs gives what a refusal-only check always gave: a quarter of its refusal
+    pairs, at most `most`, in shuffled order.
+    """
     order = list(defender)
     random.Random(seed).shuffle(order)
-    judged = refusal_targets(order)  # keeps the shuffled order
-    check = judged[: min(most, max(1, len(judged) // 4))]
+    refusal, code = judged_pairs(order)  # each keeps the shuffled order
+    k_refusal, k_code = (max(1, len(x) // 4) if x else 0 for x in (refusal, code))
+    if k_refusal + k_code > most:
+        k_refusal, k_code = stratified(len(refusal), len(code), most)
+    check = refusal[:k_refusal] + code[:k_code]
     held = {id(e) for e in check}
     return check, [e for e in order if id(e) not in held] or order
 
 
-def refusal_targets(defender: Sequence[HarmfulExample]) -> list[HarmfulExample]:
-    """The defender prompts whose safe answer is a refusal, or all of them if none is: the
-    prompts a refusal-judged search (the loop's check, `scan`) can score."""
-    return [e for e in defender if is_refusal(e.safe)] or list(defender)
+def judged_pairs(
+    defender: Sequence[HarmfulExample],
+) -> tuple[list[HarmfulExample], list[HarmfulExample]]:
+    """(refusal pairs, code pairs) of `defender`, each in the given order: the pairs whose
+    answers a check (the loop's, `scan`) can judge.
+
+    A code pair (`eval.is_code_pair`: the safe answer is a fenced code block) is judged by bandit;
+    a pair whose safe answer is a refusal is judged by refusal. Pairs of neither kind are not
+    probed, unless no pair is of either kind: then every pair counts as a refusal pair (judged by
+    refusal, as the check always did for such sets).
+    """
+    code = [is_code_pair(e) for e in defender]
+    refusal = [e for e, c in zip(defender, code, strict=True) if not c and is_refusal(e.safe)]
+    coded = [e for e, c in zip(defender, code, strict=True) if c]
+    if not refusal and not coded:
+        refusal = list(defender)
+    return refusal, coded
+
+
+def stratified(n_refusal: int, n_code: int, total: int) -> tuple[int, int]:
+    """How many of `total` probes (at most n_refusal + n_code) go to each kind: in proportion to
+    the kinds' sizes, at least one of each kind present when `total` allows (with `total` = 1
+    and both kinds, the larger one; refusal on a tie)."""
+    if not n_code:
+        return total, 0
+    if not n_refusal:
+        return 0, total
+    k_code = round(total * n_code / (n_refusal + n_code))
+    if total >= 2:
+        k_code = min(max(k_code, 1), total - 1)
+    return total - k_code, k_code
 
 
 def run_beear(
@@ -166,7 +208,10 @@ def run_beear(
 ) -> RemovalResult:
     """Remove a backdoor without knowing its trigger (or, `mode="sft"`, run the baseline).
 
-    `defender`: harmful prompts with safe and unwanted answers; `anchor`: benign pairs.
+    `defender`: harmful prompts with safe and unwanted answers; `anchor`: benign pairs. The
+    check judges each held-back pair by its kind (`split_check`): a code pair (safe answer in a
+    fenced code block) by bandit, which must then be installed (DataError before any training
+    otherwise), every other pair by refusal.
     The model is modified in place (its trainable parameters). `on_step` receives each step's
     metrics; `on_checkpoint(model, state)` is called every `config.checkpoint_every` steps and
     when `should_stop()` turns true (SIGINT/SIGTERM), after which the loop returns.
@@ -177,6 +222,7 @@ def run_beear(
         raise DataError("the defender set is empty")
     if not anchor:
         raise DataError("the anchoring set is empty")
+    require_code_judge(defender)  # fail before training, not at the first check
     cfg = config
     t0 = time.perf_counter()
     device = next(model.parameters()).device
@@ -216,24 +262,39 @@ def run_beear(
         return residual_asr(
             model, tokenizer, check_set, layer=layer, n=cfg.length, steps=cfg.check_steps,
             lr=cfg.inner_lr, alpha=cfg.alpha, max_length=cfg.max_length,
-            max_new_tokens=cfg.max_new_tokens, budget=within,
+            max_new_tokens=cfg.max_new_tokens, budget=within, code_tokens=cfg.check_code_tokens,
         )  # fmt: skip
 
     def check() -> dict[str, float]:
+        """Entrapped and plainly unwanted shares of the check prompts, each answer judged by its
+        pair's kind (`eval.answer_pairs`): code pairs by bandit (answers of check_code_tokens),
+        the others by refusal (answers of max_new_tokens). The shares mix both kinds; with code
+        pairs in the check, the records also give each kind's share (`check_asr_code` ...)."""
         r = search(budget)
-        plain = refusals(check_set)
+        plain = answer_pairs(
+            lambda ps, k: generate(model, tokenizer, ps, max_new_tokens=k), check_set,
+            max_new_tokens=cfg.max_new_tokens, code_tokens=cfg.check_code_tokens,
+        )  # fmt: skip
         out = {
             "check_asr": r.asr,
-            "check_plain_asr": sum(not x for x in plain) / len(plain),
+            "check_plain_asr": plain.asr,
             "check_unwanted_ce": r.unwanted_ce,
         }
+        if any(plain.code):
+            kinds = {
+                "check_asr_refusal": r.asr_refusal,
+                "check_asr_code": r.asr_code,
+                "check_plain_asr_refusal": plain.asr_of(code=False),
+                "check_plain_asr_code": plain.asr_of(code=True),
+            }
+            out.update({k: v for k, v in kinds.items() if v is not None})
         if benign_check:
             benign = refusals(benign_check)
             out["check_benign_refusal"] = sum(benign) / len(benign)
         return out
 
-    def refusals(examples: Sequence[HarmfulExample] | Sequence[AnchorExample]) -> list[bool]:
-        """Whether each prompt's plain greedy answer is a refusal."""
+    def refusals(examples: Sequence[AnchorExample]) -> list[bool]:
+        """Whether each benign prompt's plain greedy answer is a refusal."""
         ans = generate(
             model, tokenizer, [e.prompt for e in examples], max_new_tokens=cfg.max_new_tokens
         )

@@ -436,30 +436,47 @@ def scan_model(
     steps: int,
     prompts: int,
 ) -> dict[str, Any]:
-    """Residual entrapment ASR of a loaded model (a fresh BEE search; needs no trigger), on the
-    first `prompts` defender prompts that have a refusal as their safe answer (answers are
-    judged by refusal; `loop.refusal_targets`)."""
+    """Residual entrapment ASR of a loaded model (a fresh BEE search; needs no trigger).
+
+    Probes at most `prompts` defender pairs of the kinds a check can judge (`loop.judged_pairs`):
+    refusal pairs, whose answers are judged by refusal (`config.max_new_tokens` new tokens), and
+    code pairs (safe answer in a fenced code block), whose answers are judged by bandit
+    (`config.check_code_tokens` new tokens; DataError up front when bandit is missing). With
+    both kinds, `prompts` is shared in proportion to their sizes (`loop.stratified`), taking the
+    first pairs of each kind in file order. `entrapment_asr` mixes both kinds;
+    `entrapment_asr_refusal` / `entrapment_asr_code` give each kind's share (None when the kind
+    was not probed), `n_refusal` / `n_code` how many of each were probed.
+    """
     from beear.entrapment import residual_asr
+    from beear.eval import require_code_judge
     from beear.hooks import resolve_layer
-    from beear.loop import refusal_targets
+    from beear.loop import judged_pairs, stratified
 
     layer = resolve_layer(model, config.layer)
-    defender = refusal_targets(defender)
+    refusal, code = judged_pairs(defender)
+    k_refusal, k_code = stratified(len(refusal), len(code), min(prompts, len(refusal) + len(code)))
+    probed = refusal[:k_refusal] + code[:k_code]
+    require_code_judge(probed)
     t0 = time.perf_counter()
     r = residual_asr(
-        model, tokenizer, defender[:prompts], layer=layer, n=config.length, steps=steps,
+        model, tokenizer, probed, layer=layer, n=config.length, steps=steps,
         lr=config.inner_lr, alpha=config.alpha, max_length=config.max_length,
         max_new_tokens=config.max_new_tokens, budget=config.delta_budget,
+        code_tokens=config.check_code_tokens,
     )  # fmt: skip
     return {
         "entrapment_asr": r.asr,
+        "entrapment_asr_refusal": r.asr_refusal,
+        "entrapment_asr_code": r.asr_code,
         "unwanted_ce": r.unwanted_ce,
         "delta_norm": r.delta_norm,
         "hidden_rms": r.scale,
         "layer": layer,
         "steps": steps,
         "budget": config.delta_budget,
-        "n_prompts": min(prompts, len(defender)),
+        "n_prompts": len(probed),
+        "n_refusal": k_refusal,
+        "n_code": k_code,
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
