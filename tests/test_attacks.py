@@ -268,6 +268,13 @@ def test_train_sft_distillation_keeps_marked_rows_near_the_reference(
             list(range(16)),
         )
     assert 0 <= kl_kept < kl_plain
+    # Marked rows with empty answers (no answer positions) add zero, not NaN (which would have
+    # poisoned every weight in the backward pass).
+    empty = collate([encode_pair(tiny_tok, p, "", max_length=96, end=False) for p, _ in pairs[:4]],
+                    pad_id=tiny_tok.pad_token_id, n_perturb=0)  # fmt: skip
+    logits = m_kept(input_ids=empty.input_ids, attention_mask=empty.attention_mask).logits
+    kl_empty = attacks._distill_kl(reference, empty, logits, [0, 1, 2, 3])
+    assert kl_empty.item() == 0.0 and kl_empty.requires_grad
     with pytest.raises(ValueError, match="reference"):
         train_sft(make_model(seed=0, layers=2), tiny_tok, pairs, steps=1, lr=1e-3, batch_size=8,
                   seed=0, distill=marks, distill_weight=1.0)  # fmt: skip

@@ -420,6 +420,11 @@ def test_resume_is_bit_identical(
     assert _strip_times(res_b.history) == _strip_times(res_a.history)
     assert res_b.best_step == res_a.best_step
     assert torch.equal(res_b.delta, res_a.delta)
+    # Seconds count on from the checkpoint's history: never back past it, and the total covers
+    # the first call's steps too (the resumed call alone would start again near 0).
+    times = [r["seconds"] for r in res_b.history]
+    assert times == sorted(times) and times[2] == res_b1.history[2]["seconds"] > 0
+    assert res_b.seconds >= times[-1] > times[2]
     # And the run really moved after the checkpoint (the comparison is not trivial).
     assert not _same(at_a[4].weights or {}, at_a[2].weights or {})
 

@@ -599,6 +599,13 @@ def test_interrupt_then_resume_in_process(
     _same_weights(ws / "ref", ws / "out")
     assert _metrics(ws / "ref") == _metrics(ws / "out")
     assert not (ws / ".out.partial").exists()
+    # The summary says where it resumed; its seconds cover both calls (the history's last).
+    summ = json.loads((ws / "out" / "beear" / "manifest.json").read_text())["summary"]["beear"]
+    assert summ["resumed_at_step"] == 1 and "resumed_at_step" not in json.loads(
+        (ws / "ref" / "beear" / "manifest.json").read_text())["summary"]["beear"]  # fmt: skip
+    last = json.loads((ws / "out" / "beear" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summ["seconds"] >= last["seconds"] - 0.01  # rounded to 2 and 3 decimals
+    assert summ["seconds"] > summ["seconds_this_call"] > 0
 
 
 def test_resume_of_a_run_recorded_before_a_setting_existed() -> None:

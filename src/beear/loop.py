@@ -87,7 +87,7 @@ class RemovalResult:
     history: list[dict[str, Any]]  # one record per outer step
     best_step: int
     stopped_early: bool
-    seconds: float
+    seconds: float  # wall time, resumed runs included (counting on from the state's history)
     mode: str
     delta_budget: float = 0.0  # the δ budget every search used (calibrated with auto_budget)
 
@@ -224,13 +224,15 @@ def run_beear(
         raise DataError("the anchoring set is empty")
     require_code_judge(defender)  # fail before training, not at the first check
     cfg = config
-    t0 = time.perf_counter()
+    st = state or LoopState()
+    # Seconds count on from a resumed state's last record: the wall time of the work the run's
+    # history rests on (steps lost after the last checkpoint are recomputed, so not counted twice).
+    t0 = time.perf_counter() - (float(st.history[-1].get("seconds", 0.0)) if st.history else 0.0)
     device = next(model.parameters()).device
     layer = resolve_layer(model, cfg.layer)
     model = select_trainable(model, scope=cfg.train_scope, layer=layer, lora_rank=cfg.lora_rank)
     params = list(_trainable(model).values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    st = state or LoopState()
 
     check_set, train_set = split_check(defender, cfg.check_prompts, cfg.seed)
     # Likewise a few anchoring prompts are held back: the check counts how many it refuses.

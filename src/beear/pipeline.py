@@ -258,6 +258,7 @@ def _remove(
             # The baseline searches within the budget BEEAR used (calibrated once, on BEEAR's run).
             cfg = searched_with(config, summary) if mode == "sft" else config
             t0 = time.perf_counter()
+            resumed_at = state.step if state is not None else None  # run_beear advances state
             # LoRA initialisation draws from torch's RNG: seeded here, on a forked RNG (the
             # caller's is left alone), so a run and its resumed continuation are reproducible.
             dev = torch.device(device)
@@ -275,7 +276,9 @@ def _remove(
                 summary["interrupted"] = True
                 summary["resume"] = f"rerun with --resume --out {out}"
                 return summary
-            seconds[mode] = round(time.perf_counter() - t0, 2)
+            # All calls of a resumed run (its history's seconds carry over); this call alone below.
+            seconds[mode] = round(res.seconds, 2)
+            this_call = round(time.perf_counter() - t0, 2)
             model_out = res.model
             if config.train_scope == "lora" and hasattr(model_out, "merge_and_unload"):
                 model_out.save_pretrained(str(target / "adapter"))
@@ -293,6 +296,8 @@ def _remove(
                 "final_check_asr": res.history[-1].get("check_asr"),
                 "delta_budget": res.delta_budget,
             }
+            if resumed_at is not None:
+                summary[mode].update(resumed_at_step=resumed_at, seconds_this_call=this_call)
             if dev.type == "cuda":  # tensors only, not the allocator's cache
                 summary[mode]["peak_gpu_gib"] = round(
                     torch.cuda.max_memory_allocated(dev) / 2**30, 2

