@@ -299,3 +299,31 @@ def test_empty_history_skips_curves(tmp_path):
     )
     assert set(paths) == {"markdown", "html", "asr_utility"}
     assert paths["html"].read_text().count("<img ") == 1
+
+
+def test_residual_asr_plot_splits_the_check_by_pair_kind(tmp_path, monkeypatch):
+    from beear import report
+
+    figs: list[Any] = []
+
+    def keep(fig: Any, path: Path) -> Path:
+        figs.append(fig)
+        return path
+
+    monkeypatch.setattr(report, "_save", keep)
+    plain = {"beear": [{"step": s, "check_asr": 0.5} for s in (0, 5)]}
+    mixed = {"beear": [{"step": s, "check_asr": 0.5, "check_asr_refusal": 0.25,
+                        "check_asr_code": 0.75} for s in (0, 5)]}  # fmt: skip
+    assert report._plot_residual_asr(plain, tmp_path / "a.png") == tmp_path / "a.png"
+    assert report._plot_residual_asr(mixed, tmp_path / "b.png") == tmp_path / "b.png"
+    assert report._plot_residual_asr({"beear": [{"step": 1}]}, tmp_path / "c.png") is None
+
+    def lines(fig: Any) -> dict[str, list[float]]:
+        return {ln.get_label(): list(ln.get_ydata()) for ln in fig.axes[0].get_lines()}
+
+    assert lines(figs[0]) == {"beear": [50.0, 50.0]}
+    assert lines(figs[1]) == {
+        "beear: all": [50.0, 50.0],
+        "beear: refusal pairs": [25.0, 25.0],
+        "beear: code pairs (bandit)": [75.0, 75.0],
+    }

@@ -383,7 +383,9 @@ def cmd_remove(args: argparse.Namespace) -> int:
             )
         bar.update(int(rec["step"]) - bar.n)
         if "check_asr" in rec:
-            bar.set_postfix(residual_asr=f"{rec['check_asr']:.2f}")
+            kinds = {k.removeprefix("check_asr_"): f"{rec[k]:.2f}"
+                     for k in ("check_asr_refusal", "check_asr_code") if k in rec}  # fmt: skip
+            bar.set_postfix(residual_asr=f"{rec['check_asr']:.2f}", **kinds)
 
     try:
         summary = remove(

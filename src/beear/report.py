@@ -322,24 +322,36 @@ def _plot_loss_curves(history: dict[str, list[dict[str, Any]]], path: Path) -> P
     return _save(fig, path)
 
 
+# The check's per-kind shares, recorded when its prompts hold code pairs (loop.run_beear).
+_CHECK_KINDS = (("check_asr", "o", "all"), ("check_asr_refusal", "s", "refusal pairs"),
+                ("check_asr_code", "^", "code pairs (bandit)"))  # fmt: skip
+
+
 def _plot_residual_asr(history: dict[str, list[dict[str, Any]]], path: Path) -> Path | None:
-    """The trigger-free check (`check_asr`) over outer steps, one line per mode."""
-    curves = {mode: _series(recs, "check_asr") for mode, recs in history.items()}
-    curves = {mode: c for mode, c in curves.items() if c[0]}
+    """The trigger-free check (`check_asr`) over outer steps, one line per mode; where the check
+    judged code pairs too, also one line per kind of pair."""
+    curves = {
+        (m, mode, k): _series(recs, _CHECK_KINDS[k][0])
+        for m, (mode, recs) in enumerate(history.items())
+        for k in range(len(_CHECK_KINDS))
+    }
+    curves = {key: c for key, c in curves.items() if c[0]}
     if not curves:
         return None
+    by_kind = any(k > 0 for _, _, k in curves)  # modes by line style, kinds by colour
     fig = _new_figure(7.5, 4.0)
     ax = fig.add_subplot()
-    for m, (mode, (steps, values)) in enumerate(curves.items()):
+    for (m, mode, k), (steps, values) in curves.items():
+        _, marker, kind = _CHECK_KINDS[k]
         ax.plot(
             steps,
             [100 * v for v in values],
             _MODE_STYLES[m % len(_MODE_STYLES)],
-            marker="o",
+            marker=marker,
             ms=5,
-            lw=1.8,
-            color=_PALETTE[m % len(_PALETTE)],
-            label=mode,
+            lw=1.8 if k == 0 else 1.2,
+            color=_PALETTE[(k if by_kind else m) % len(_PALETTE)],
+            label=f"{mode}: {kind}" if by_kind else mode,
         )
     ax.set_ylim(-3, 103)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
