@@ -272,14 +272,16 @@ def encode_pair(
             tokenize=True,
         )
     )
+    ans: list[int] | None = None  # the answer tokenised on its own, when needed
     if full[: len(prompt_ids)] != prompt_ids:
         # Some templates render the last assistant turn differently from the generation prompt;
         # fall back to prompt ids + tokenised answer + eos so the prompt part stays identical.
-        ans = tokenizer(answer, add_special_tokens=False)["input_ids"]
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        full = prompt_ids + list(ans) + eos
-    if not end:
         ans = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        full = prompt_ids + ans + eos
+    if not end:
+        if ans is None:
+            ans = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
         n = len(prompt_ids)
         full = full[: n + len(ans)] if full[n : n + len(ans)] == ans else prompt_ids + ans
     if len(prompt_ids) >= max_length:

@@ -554,12 +554,10 @@ def _continue(
     max_new_tokens: int,
     batch_size: int,
     progress: Progress | None = None,
-    finished: list[bool] | None = None,
-) -> list[str]:
-    """Greedy continuations of the assistant turn after `prefix` (both rendered by the template).
-
-    `finished`, when given, receives per prompt whether its continuation ended by itself (an
-    end-of-sequence token) rather than at `max_new_tokens`."""
+) -> tuple[list[str], list[bool]]:
+    """Greedy continuations of the assistant turn after `prefix` (both rendered by the template),
+    and per prompt whether its continuation ended by itself (an end-of-sequence token) rather
+    than at `max_new_tokens`."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device
@@ -595,9 +593,7 @@ def _continue(
                 progress("base answers", min(start + batch_size, len(order)), len(order))
     finally:
         model.train(was_training)
-    if finished is not None:
-        finished[:] = ended
-    return out
+    return out, ended
 
 
 def _strip_refusal(text: str) -> str:
@@ -674,15 +670,14 @@ def base_answers(
     t0 = time.perf_counter()
     if todo_h:
         openers = [opener_for(p) for p in todo_h]
-        cont = _continue(model, tokenizer, todo_h, openers, max_new_tokens=unwanted_tokens,
-                         batch_size=batch_size, progress=progress)  # fmt: skip
+        cont, _ = _continue(model, tokenizer, todo_h, openers, max_new_tokens=unwanted_tokens,
+                            batch_size=batch_size, progress=progress)  # fmt: skip
         for p, o, c in zip(todo_h, openers, cont, strict=True):
             stored["unwanted"][p] = f"{o} {_strip_refusal(c)}".strip()
     if todo_b:
-        finished: list[bool] = []
-        replies = _continue(model, tokenizer, todo_b, [""] * len(todo_b),
-                            max_new_tokens=benign_tokens, batch_size=batch_size,
-                            progress=progress, finished=finished)  # fmt: skip
+        replies, finished = _continue(model, tokenizer, todo_b, [""] * len(todo_b),
+                                      max_new_tokens=benign_tokens, batch_size=batch_size,
+                                      progress=progress)  # fmt: skip
         stored["benign"].update(zip(todo_b, replies, strict=True))
         stored["cut"] += [p for p, f in zip(todo_b, finished, strict=True) if not f]
     seconds = round(time.perf_counter() - t0, 2)
