@@ -243,6 +243,23 @@ def test_code_pairs_are_scanned_by_kind_and_need_bandit(
     assert out["entrapment_asr"] == pytest.approx(
         (6 * out["entrapment_asr_refusal"] + 2 * out["entrapment_asr_code"]) / 8
     )
+    assert "code_budget" not in out
+    # --code-budget: the code pairs are searched apart, within their own budget.
+    import beear.entrapment
+
+    seen: list[tuple[int, float]] = []
+    real = beear.entrapment.residual_asr
+
+    def spy(m: Any, t: Any, examples: Any, *, budget: float, **kw: Any) -> Any:
+        seen.append((len(examples), budget))
+        return real(m, t, examples, budget=budget, **kw)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(beear.entrapment, "residual_asr", spy)
+        assert main([*scan, "--budget", "0.5", "--code-budget", "0"]) == 0
+    assert seen == [(6, 0.5), (2, 0.0)]
+    out = json.loads(j.read_text())
+    assert (out["budget"], out["code_budget"], out["n_code"]) == (0.5, 0.0, 2)
     # Without bandit, scan and remove stop up front with one line naming the install.
     monkeypatch.setitem(sys.modules, "bandit.core", None)
     capsys.readouterr()

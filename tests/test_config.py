@@ -136,6 +136,9 @@ def test_type_coercion_of_flag_strings() -> None:
         ({"auto_budget": -0.5}, "auto_budget may not be negative"),
         ({"auto_budget": float("nan")}, "auto_budget must be a finite number"),
         ({"auto_budget": "inf"}, "auto_budget must be a finite number"),
+        ({"code_delta_budget": -0.5}, "code_delta_budget must be -1 \\(off\\) or at least 0"),
+        ({"code_delta_budget": float("nan")}, "code_delta_budget must be -1"),
+        ({"code_delta_budget": "inf"}, "code_delta_budget must be a finite number"),
     ],
 )
 def test_range_checks(values: dict[str, Any], message: str) -> None:
@@ -149,6 +152,9 @@ def test_auto_budget_is_off_by_default_and_takes_a_factor() -> None:
     assert cfg.auto_budget == 2.5 and isinstance(cfg.auto_budget, float)
     names = [f.name for f in dataclasses.fields(RemovalConfig)]
     assert names[names.index("delta_budget") + 1] == "auto_budget"  # next to what it replaces
+    # The code pairs' own search is off by default; 0 (unbounded) is a budget, not "off".
+    assert RemovalConfig().code_delta_budget == -1.0
+    assert load_config(None, {"code_delta_budget": "0"}).code_delta_budget == 0.0
 
 
 def test_bad_files(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+import beear.entrapment
 import beear.loop
 from beear import checkpoint
 from beear.config import RemovalConfig
@@ -21,6 +22,7 @@ from beear.loop import (
     NonFiniteLoss,
     RemovalResult,
     calibrate_budget,
+    entrapment_groups,
     judged_pairs,
     run_beear,
     split_check,
@@ -172,7 +174,7 @@ def _script_check(monkeypatch: pytest.MonkeyPatch, asrs: list[float]) -> None:
     def fake_generate(_m: Any, _t: Any, prompts: list[str], **_kw: Any) -> list[str]:
         return ["I cannot help with that."] * len(prompts)  # no plain (untriggered) compliance
 
-    monkeypatch.setattr(beear.loop, "residual_asr", fake_residual_asr)
+    monkeypatch.setattr(beear.entrapment, "residual_asr", fake_residual_asr)
     monkeypatch.setattr(beear.loop, "generate", fake_generate)
 
 
@@ -484,7 +486,7 @@ def test_calibrate_budget_falls_back_to_the_unbounded_search() -> None:
 def _spy_searches(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[float]]:
     """Records the budget of every entrap (BEE step) and residual_asr (check) call of the loop."""
     budgets: dict[str, list[float]] = {"entrap": [], "residual_asr": []}
-    real_entrap, real_residual = beear.loop.entrap, beear.loop.residual_asr
+    real_entrap, real_residual = beear.loop.entrap, beear.entrapment.residual_asr
 
     def entrap(*a: Any, budget: float = 0.0, **kw: Any) -> Any:
         budgets["entrap"].append(budget)
@@ -495,7 +497,7 @@ def _spy_searches(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[float]]:
         return real_residual(*a, budget=budget, **kw)
 
     monkeypatch.setattr(beear.loop, "entrap", entrap)
-    monkeypatch.setattr(beear.loop, "residual_asr", residual_asr)
+    monkeypatch.setattr(beear.entrapment, "residual_asr", residual_asr)
     return budgets
 
 
@@ -547,7 +549,7 @@ def test_auto_budget_never_entrapped_runs_unbounded(
         seen.append(budget)
         return ScanResult(asr=0.0, unwanted_ce=5.0, delta_norm=1.0, scale=1.0)
 
-    monkeypatch.setattr(beear.loop, "residual_asr", refusing)
+    monkeypatch.setattr(beear.entrapment, "residual_asr", refusing)
     with caplog.at_level("WARNING", logger="beear.loop"):
         res = _run(make_model(seed=0), tiny_tok, data, SMALL.replace(auto_budget=2.5))
     assert res.delta_budget == 0.0 == res.history[0]["delta_budget"]
@@ -660,3 +662,58 @@ def test_judged_pairs_and_stratified(corpus: Any) -> None:
     assert stratified(30, 10, 8) == (6, 2) and stratified(30, 0, 8) == (8, 0)
     assert stratified(0, 10, 8) == (0, 8) and stratified(1, 99, 10) == (1, 9)
     assert stratified(3, 1, 1) == (1, 0) and stratified(1, 3, 1) == (0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# code_delta_budget: the code pairs searched apart, within their own budget
+
+
+def test_entrapment_groups_split_code_pairs_only_when_asked(data: Any) -> None:
+    refusal, code = data["defender"][:3], _yaml_pairs(2)
+    mixed = [code[0], *refusal, code[1]]
+    assert entrapment_groups(mixed, 0.25, -1.0) == [("all", mixed, 0.25)]
+    assert entrapment_groups(mixed, 0.25, 0.0) == [("other", refusal, 0.25), ("code", code, 0.0)]
+    assert entrapment_groups(code, 0.25, 2.0) == [("code", code, 2.0)]
+    assert entrapment_groups(refusal, 0.25, 2.0) == [("other", refusal, 0.25)]
+
+
+def test_code_pairs_get_their_own_search_budget_and_delta(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import beear.eval
+
+    def fake_generate(_m: Any, _t: Any, prompts: list[str], **kw: Any) -> list[str]:
+        return ["I cannot help with that." for _ in prompts]
+
+    monkeypatch.setattr(beear.eval, "generate", fake_generate)
+    monkeypatch.setattr(beear.loop, "generate", fake_generate)
+    budgets = _spy_searches(monkeypatch)
+    mixed = {**data, "defender": data["defender"] + _yaml_pairs(12)}
+    cfg = SMALL.replace(delta_budget=0.5, code_delta_budget=2.0, batch_size=8, delta_reset=False,
+                        checkpoint_every=1)  # fmt: skip
+    save_model(make_model(seed=0), tiny_tok, tmp_path / "init")
+
+    def keep(m: Any, st: LoopState) -> None:
+        checkpoint.save(tmp_path / f"ck{st.step}", m, st)
+
+    res = _run(load_model(tmp_path / "init")[0], tiny_tok, mixed, cfg, on_checkpoint=keep)
+    # Each step: one search over the other pairs within delta_budget, one over the code pairs
+    # within code_delta_budget (both batches of 8, drawn from 11 refusal and 10 code training
+    # pairs, hold both kinds); each check likewise (steps 0, 1, 2).
+    steps = [r for r in res.history if r["step"] > 0]
+    assert all("code_bee_loss" in r and "code_delta_norm" in r for r in steps)
+    assert budgets["entrap"] == [0.5, 2.0] * 2
+    assert budgets["residual_asr"] == [0.5, 2.0] * 3
+    assert res.delta is not None and res.delta_code is not None
+    assert not torch.equal(res.delta, res.delta_code)
+    # The code δ is part of the resumable state, and warm-starts the next code search.
+    st1 = checkpoint.load(tmp_path / "ck1", None, cfg)
+    assert st1 is not None and st1.delta_code is not None
+    resumed = _run(load_model(tmp_path / "init")[0], tiny_tok, mixed, cfg, state=st1)
+    assert _strip_times(resumed.history) == _strip_times(res.history)
+    assert torch.equal(resumed.delta_code, res.delta_code)
+    # Off (-1): one search over all pairs per step, as before.
+    budgets["entrap"].clear()
+    off = _run(load_model(tmp_path / "init")[0], tiny_tok, mixed, cfg.replace(code_delta_budget=-1))
+    assert budgets["entrap"] == [0.5, 0.5] and off.delta_code is None
+    assert not any("code_bee_loss" in r for r in off.history)

@@ -275,3 +275,38 @@ def test_term_by_term_backward_gives_the_summed_loss_gradients(
         assert p.grad is not None
         torch.testing.assert_close(p.grad, summed[n], rtol=1e-4, atol=1e-6, msg=n)
     assert any(float(g.abs().max()) > 1e-4 for g in summed.values())
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_safe_groups_weighted_by_tokens_equal_one_batch_under_one_delta(
+    make_model: Any, tiny_tok: Any, corpus: Any, batches: tuple[Batch, Batch], backward: bool
+) -> None:
+    """`more_safe` (a δ per kind of pair): with the same δ for every group, the loss, its parts
+    and its gradients equal those of one batch holding all the groups' pairs; another δ for the
+    second group changes them."""
+    _, anchor = batches
+    pairs = [(e.prompt, e.safe) for e in corpus.defender_harmful[:5]]
+    model = make_model(seed=2, init=0.3).eval()
+    torch.manual_seed(4)
+    delta = 20 * torch.randn(N, model.config.hidden_size)
+    kw: dict[str, Any] = dict(layer=LAYER, anchor_under_delta=True, safe_without_delta=True,
+                              backward=backward)  # fmt: skip
+
+    def run(**more: Any) -> tuple[float, dict[str, float], dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss, parts = removal_loss(model, anchor=anchor, **kw, **more)
+        if not backward:
+            loss.backward()
+        return float(loss), parts, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    one = run(safe=_batch(tiny_tok, pairs), delta=delta)
+    split = run(safe=_batch(tiny_tok, pairs[:2]), delta=delta,
+                more_safe=[(_batch(tiny_tok, pairs[2:]), delta)])  # fmt: skip
+    assert split[0] == pytest.approx(one[0], rel=1e-5)
+    assert split[1] == pytest.approx(one[1], rel=1e-5)
+    for n, g in one[2].items():
+        torch.testing.assert_close(split[2][n], g, rtol=1e-4, atol=1e-6, msg=n)
+    other = run(safe=_batch(tiny_tok, pairs[:2]), delta=delta,
+                more_safe=[(_batch(tiny_tok, pairs[2:]), -delta)])  # fmt: skip
+    assert abs(other[1]["safe_ce"] - one[1]["safe_ce"]) > 1e-3
+    assert other[1]["anchor_delta_ce"] == pytest.approx(one[1]["anchor_delta_ce"], rel=1e-6)

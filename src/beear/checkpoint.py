@@ -34,8 +34,13 @@ def save(directory: Path, model: Any, state: LoopState) -> None:
     save_file(
         {k: v.contiguous() for k, v in state.best_weights.items()}, str(tmp / "best.safetensors")
     )
-    if state.delta is not None:
-        save_file({"delta": state.delta.contiguous()}, str(tmp / "delta.safetensors"))
+    deltas = {
+        k: v.contiguous()
+        for k, v in (("delta", state.delta), ("delta_code", state.delta_code))
+        if v is not None
+    }
+    if deltas:
+        save_file(deltas, str(tmp / "delta.safetensors"))
     torch.save(state.optimizer, tmp / "optimizer.pt")
     meta = {
         "step": state.step,
@@ -64,16 +69,17 @@ def load(directory: Path, model: Any, config: RemovalConfig) -> LoopState | None
         else:
             return None
     meta = json.loads((directory / "state.json").read_text())
-    delta = None
+    deltas = {}
     if (directory / "delta.safetensors").is_file():
-        delta = load_file(str(directory / "delta.safetensors"))["delta"]
+        deltas = load_file(str(directory / "delta.safetensors"))
     return LoopState(
         step=meta["step"],
         history=meta["history"],
         best=meta["best"],
         best_weights=load_file(str(directory / "best.safetensors")),
         passes=meta["passes"],
-        delta=delta,
+        delta=deltas.get("delta"),
+        delta_code=deltas.get("delta_code"),
         optimizer=torch.load(directory / "optimizer.pt", weights_only=True),
         weights=load_file(str(directory / "weights.safetensors")),
         bad_steps=meta["bad_steps"],

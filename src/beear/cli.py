@@ -340,8 +340,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
         raise UsageError("--prompts must be at least 1 and --steps at least 0")
     device = _torch_setup(args.device)
     cfg = load_config(
-        args.config, {"layer": args.layer, "length": args.length, "delta_budget": args.budget}
-    )
+        args.config,
+        {"layer": args.layer, "length": args.length, "delta_budget": args.budget,
+         "code_delta_budget": args.code_budget},
+    )  # fmt: skip
     model, tok = _load(args, model_dir, device)
     defender, _ = _defender_sets(args, model_dir, need_anchor=False)
     out = scan_model(model, tok, defender, config=cfg, steps=args.steps, prompts=args.prompts)
@@ -567,6 +569,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="bound δ per position to this multiple of the layer's token norm (default: the "
         "config's delta_budget, 0 = unbounded)",
+    )
+    p.add_argument(
+        "--code-budget",
+        type=float,
+        help="search the code pairs apart within this budget (default: the config's "
+        "code_delta_budget, -1 = one search for all pairs)",
     )
     p.add_argument("--prompts", type=int, default=64, help="defender prompts probed")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))

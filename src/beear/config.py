@@ -58,6 +58,13 @@ class RemovalConfig:
         "0.05 × 2^k (k = 0..7) at which a fresh check search entraps at least half of the check "
         "prompts of the model under repair, times this factor; 0: off (use delta_budget)",
     )
+    code_delta_budget: float = _f(
+        -1.0,
+        "a separate entrapment search, within this budget (0: unbounded), for the code pairs "
+        "(safe answer in a fenced code block) of every outer step, check and scan, while the "
+        "other pairs keep delta_budget; -1: one search for all pairs (experimental, "
+        "docs/smollm2.md)",
+    )
     delta_reset: bool = _f(
         True, "start each entrapment search from zero (else warm-start from the last)"
     )
@@ -144,8 +151,12 @@ class RemovalConfig:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} may not be negative (got {getattr(self, name)})")
+        if not (self.code_delta_budget == -1 or self.code_delta_budget >= 0):
+            raise ConfigError(
+                f"code_delta_budget must be -1 (off) or at least 0 (got {self.code_delta_budget})"
+            )
         finite = ("lr", "inner_lr", "alpha", "weight_decay", "stop_below", "delta_budget")
-        for name in (*finite, "auto_budget"):
+        for name in (*finite, "auto_budget", "code_delta_budget"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number (got {getattr(self, name)})")
         if not 0 <= self.seed < 2**63:  # torch.manual_seed's range

@@ -35,6 +35,7 @@ __all__ = [
     "entrap",
     "make_entrapment_batch",
     "residual_asr",
+    "residual_asr_by_kind",
 ]
 
 
@@ -254,4 +255,43 @@ def residual_asr(
         asr_code=judged.asr_of(code=True),
         answers=judged.answers,
         delta=res.delta,
+    )
+
+
+def residual_asr_by_kind(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[HarmfulExample],
+    *,
+    budget: float,
+    code_budget: float,
+    **search: Any,
+) -> ScanResult:
+    """`residual_asr` with the code pairs searched apart, within `code_budget` (-1: no separate
+    search, one δ for all within `budget`; `RemovalConfig.code_delta_budget`).
+
+    Each kind gets its own fresh search and is judged as in `residual_asr`; the result's `asr`
+    and `unwanted_ce` are the two searches' weighted by their prompts, its answers follow
+    `examples`, and its δ, norm and scale are those of the first kind present (non-code first).
+    """
+    from beear.eval import is_code_pair
+
+    code = [e for e in examples if is_code_pair(e)]
+    other = [e for e in examples if not is_code_pair(e)]
+    if code_budget < 0 or not code or not other:
+        within = code_budget if code_budget >= 0 and code else budget
+        return residual_asr(model, tokenizer, examples, budget=within, **search)
+    a = residual_asr(model, tokenizer, other, budget=budget, **search)
+    b = residual_asr(model, tokenizer, code, budget=code_budget, **search)
+    answers = iter(a.answers), iter(b.answers)
+    n = len(examples)
+    return ScanResult(
+        asr=(a.asr * len(other) + b.asr * len(code)) / n,
+        unwanted_ce=(a.unwanted_ce * len(other) + b.unwanted_ce * len(code)) / n,
+        delta_norm=a.delta_norm,
+        scale=a.scale,
+        asr_refusal=a.asr_refusal,
+        asr_code=b.asr_code,
+        answers=[next(answers[is_code_pair(e)]) for e in examples],
+        delta=a.delta,
     )

@@ -19,6 +19,7 @@ same data, steps and optimiser, the baseline every claim is measured against.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -31,7 +32,7 @@ import torch
 
 from beear.config import RemovalConfig
 from beear.data import AnchorExample, DataError, HarmfulExample, collate, encode_pair
-from beear.entrapment import ScanResult, entrap, make_entrapment_batch, residual_asr
+from beear.entrapment import ScanResult, entrap, make_entrapment_batch, residual_asr_by_kind
 from beear.eval import answer_pairs, generate, is_code_pair, is_refusal, require_code_judge
 from beear.hooks import resolve_layer
 from beear.removal import anchor_targets, removal_loss, select_trainable
@@ -42,6 +43,7 @@ __all__ = [
     "NonFiniteLoss",
     "RemovalResult",
     "calibrate_budget",
+    "entrapment_groups",
     "judged_pairs",
     "run_beear",
     "split_check",
@@ -77,6 +79,7 @@ class LoopState:
     # The δ budget of every search, fixed before step 0 (calibrated once with auto_budget: a
     # resumed run keeps it rather than recalibrating on a half-repaired model).
     delta_budget: float | None = None
+    delta_code: torch.Tensor | None = None  # the code pairs' last δ (code_delta_budget >= 0)
 
 
 @dataclass
@@ -90,6 +93,7 @@ class RemovalResult:
     seconds: float  # wall time, resumed runs included (counting on from the state's history)
     mode: str
     delta_budget: float = 0.0  # the δ budget every search used (calibrated with auto_budget)
+    delta_code: torch.Tensor | None = None  # the last code pairs' δ* (code_delta_budget)
 
 
 def _trainable(model: Any) -> dict[str, torch.Tensor]:
@@ -193,6 +197,20 @@ def stratified(n_refusal: int, n_code: int, total: int) -> tuple[int, int]:
     return total - k_code, k_code
 
 
+def entrapment_groups(
+    examples: Sequence[HarmfulExample], budget: float, code_budget: float
+) -> list[tuple[str, list[HarmfulExample], float]]:
+    """The entrapment searches of one outer step, as (kind, pairs, budget): one for all pairs
+    within `budget`, or with `code_budget` >= 0 the code pairs (`eval.is_code_pair`) apart,
+    within `code_budget`; the other pairs come first when both kinds are present."""
+    if code_budget < 0:
+        return [("all", list(examples), budget)]
+    code = [e for e in examples if is_code_pair(e)]
+    other = [e for e in examples if not is_code_pair(e)]
+    found = (("other", other, budget), ("code", code, code_budget))
+    return [(kind, pairs, b) for kind, pairs, b in found if pairs]
+
+
 def run_beear(
     model: Any,
     tokenizer: Any,
@@ -259,12 +277,14 @@ def run_beear(
     if st.optimizer is not None:
         opt.load_state_dict(st.optimizer)
 
-    def search(within: float) -> ScanResult:
-        """The check's fresh entrapment search on the check prompts, within budget `within`."""
-        return residual_asr(
+    def search(within: float, by_kind: bool = True) -> ScanResult:
+        """The check's fresh entrapment search on the check prompts, within budget `within`
+        (with `code_delta_budget`, and `by_kind`, the code pairs are searched apart)."""
+        return residual_asr_by_kind(
             model, tokenizer, check_set, layer=layer, n=cfg.length, steps=cfg.check_steps,
             lr=cfg.inner_lr, alpha=cfg.alpha, max_length=cfg.max_length,
             max_new_tokens=cfg.max_new_tokens, budget=within, code_tokens=cfg.check_code_tokens,
+            code_budget=cfg.code_delta_budget if by_kind else -1.0,
         )  # fmt: skip
 
     def check() -> dict[str, float]:
@@ -307,7 +327,10 @@ def run_beear(
         # else the configured one. It is part of the resumable state: never recalibrated.
         budget, calibration = cfg.delta_budget, None
         if cfg.auto_budget > 0:
-            budget, calibration = calibrate_budget(search, cfg.auto_budget)
+            # (one search over every check prompt, as delta_budget applies to all of them)
+            budget, calibration = calibrate_budget(
+                functools.partial(search, by_kind=False), cfg.auto_budget
+            )
             if calibration[-1]["asr"] < ENTRAPPED:
                 log.warning(
                     "auto_budget: no search, not even an unbounded one, entrapped %g of the check "
@@ -345,23 +368,37 @@ def run_beear(
         rec: dict[str, Any] = {"step": step, "mode": mode}
 
         # 1. BEE: δ* = argmin_δ CE(unwanted | δ) − α CE(safe | δ)          (eq. 1)
-        delta = None
+        #    one search per group: all pairs, or (code_delta_budget) code pairs apart
+        groups = (entrapment_groups(harm, budget, cfg.code_delta_budget) if mode == "beear"
+                  else [("all", list(harm), budget)])  # fmt: skip
+        deltas: list[torch.Tensor | None] = [None] * len(groups)
         if mode == "beear":
-            eb = make_entrapment_batch(tokenizer, harm, n=cfg.length, max_length=cfg.max_length)
-            init = None if cfg.delta_reset else st.delta
-            bee = entrap(
-                model, eb.to(device), layer=layer, n=cfg.length, steps=cfg.inner_steps,
-                lr=cfg.inner_lr, alpha=cfg.alpha, init=init, budget=budget,
-            )  # fmt: skip
-            delta = st.delta = bee.delta
-            rec.update(bee_loss=bee.losses[-1], bee_unwanted_ce=bee.unwanted_ce,
-                       delta_norm=float(delta.norm()), hidden_rms=bee.scale)  # fmt: skip
+            for g, (kind, examples, within) in enumerate(groups):
+                eb = make_entrapment_batch(tokenizer, examples, n=cfg.length,
+                                           max_length=cfg.max_length)  # fmt: skip
+                last = st.delta_code if kind == "code" else st.delta
+                bee = entrap(
+                    model, eb.to(device), layer=layer, n=cfg.length, steps=cfg.inner_steps,
+                    lr=cfg.inner_lr, alpha=cfg.alpha, budget=within,
+                    init=None if cfg.delta_reset else last,
+                )  # fmt: skip
+                deltas[g] = bee.delta
+                if kind == "code":
+                    st.delta_code = bee.delta
+                else:
+                    st.delta = bee.delta
+                pre = "code_" if kind == "code" and len(groups) > 1 else ""
+                rec.update({f"{pre}bee_loss": bee.losses[-1],
+                            f"{pre}bee_unwanted_ce": bee.unwanted_ce,
+                            f"{pre}delta_norm": float(bee.delta.norm())})  # fmt: skip
+                rec.setdefault("hidden_rms", bee.scale)
 
         # 2. AR: θ ← step on CE(safe | δ*) + CE(anchor) [+ CE(anchor | δ*)]   (eq. 2)
-        safe = encode([AnchorExample(e.prompt, e.safe) for e in harm])
+        safe = [encode([AnchorExample(e.prompt, e.safe) for e in ex]) for _, ex, _ in groups]
         opt.zero_grad(set_to_none=True)
         loss, parts = removal_loss(
-            model, safe, encode(anc), layer=layer, delta=delta,
+            model, safe[0], encode(anc), layer=layer, delta=deltas[0],
+            more_safe=list(zip(safe[1:], deltas[1:], strict=True)),
             anchor_under_delta=cfg.anchor_under_delta, safe_without_delta=cfg.safe_without_delta,
             anchor_loss=cfg.anchor_loss,
             targets=targets.select(anc_ids, device) if targets is not None else None,
@@ -428,6 +465,7 @@ def run_beear(
         model=model,
         layer=layer,
         delta=st.delta,
+        delta_code=st.delta_code,
         history=st.history,
         best_step=int(st.best["step"]),
         stopped_early=stopped_early,

@@ -284,8 +284,13 @@ def _remove(
                 model_out.save_pretrained(str(target / "adapter"))
                 model_out = model_out.merge_and_unload()
             save_model(model_out, tok, target)
-            if mode == "beear" and res.delta is not None:
-                save_file({"delta": res.delta.contiguous()}, str(rec_dir / "delta.safetensors"),
+            found = {  # δ* of each search
+                k: v.contiguous()
+                for k, v in (("delta", res.delta), ("delta_code", res.delta_code))
+                if v is not None
+            }
+            if mode == "beear" and found:
+                save_file(found, str(rec_dir / "delta.safetensors"),
                           metadata={"layer": str(res.layer), "length": str(config.length)})  # fmt: skip
             summary[mode] = {
                 "best_step": res.best_step,
@@ -450,9 +455,10 @@ def scan_model(
     both kinds, `prompts` is shared in proportion to their sizes (`loop.stratified`), taking the
     first pairs of each kind in file order. `entrapment_asr` mixes both kinds;
     `entrapment_asr_refusal` / `entrapment_asr_code` give each kind's share (None when the kind
-    was not probed), `n_refusal` / `n_code` how many of each were probed.
+    was not probed), `n_refusal` / `n_code` how many of each were probed. With
+    `config.code_delta_budget` >= 0 the code pairs get a search of their own within it.
     """
-    from beear.entrapment import residual_asr
+    from beear.entrapment import residual_asr_by_kind
     from beear.eval import require_code_judge
     from beear.hooks import resolve_layer
     from beear.loop import judged_pairs, stratified
@@ -463,11 +469,11 @@ def scan_model(
     probed = refusal[:k_refusal] + code[:k_code]
     require_code_judge(probed)
     t0 = time.perf_counter()
-    r = residual_asr(
+    r = residual_asr_by_kind(
         model, tokenizer, probed, layer=layer, n=config.length, steps=steps,
         lr=config.inner_lr, alpha=config.alpha, max_length=config.max_length,
         max_new_tokens=config.max_new_tokens, budget=config.delta_budget,
-        code_tokens=config.check_code_tokens,
+        code_budget=config.code_delta_budget, code_tokens=config.check_code_tokens,
     )  # fmt: skip
     return {
         "entrapment_asr": r.asr,
@@ -479,6 +485,7 @@ def scan_model(
         "layer": layer,
         "steps": steps,
         "budget": config.delta_budget,
+        **({"code_budget": config.code_delta_budget} if config.code_delta_budget >= 0 else {}),
         "n_prompts": len(probed),
         "n_refusal": k_refusal,
         "n_code": k_code,

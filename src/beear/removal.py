@@ -176,6 +176,7 @@ def removal_loss(
     anchor_loss: str = "ce",
     targets: tuple[torch.Tensor, torch.Tensor] | None = None,
     backward: bool = False,
+    more_safe: Sequence[tuple[Batch, torch.Tensor | None]] = (),
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The outer objective (eq. 2) on one batch; returns (loss, its parts for logging).
 
@@ -184,7 +185,12 @@ def removal_loss(
     (up to four) terms is back-propagated as soon as it is computed, so only one forward graph
     is alive at a time (the gradients add up to those of the summed loss; on SmolLM2-135M with
     the KL anchor and 32 anchoring pairs a step's peak resident memory fell from 10.9 to
-    7.0 GiB, `scripts/profile_step.py`), and the loss comes back detached."""
+    7.0 GiB, `scripts/profile_step.py`), and the loss comes back detached.
+
+    `more_safe`: further (safe batch, δ) groups, each answered safely under its own δ (a separate
+    search per kind of pair, `RemovalConfig.code_delta_budget`). The safe terms of all groups are
+    weighted by their answer tokens, so with one δ for all they equal the terms of one batch
+    holding every group; the anchoring terms use `delta`, the first group's."""
     if anchor_loss not in ANCHOR_LOSSES:
         raise ValueError(f"anchor_loss {anchor_loss!r} is not one of {', '.join(ANCHOR_LOSSES)}")
     terms: list[torch.Tensor] = []
@@ -195,17 +201,29 @@ def removal_loss(
             term = term.detach()
         terms.append(term)
 
-    safe_ce = _ce(model, safe, layer, delta)  # answer safely under δ*
-    add(safe_ce)
+    groups = [(safe, delta), *more_safe]
+    tokens = [int((b.labels[:, 1:] != -100).sum()) for b, _ in groups]
+    weights = [t / sum(tokens) for t in tokens] if len(groups) > 1 else [1.0]
+
+    def safe_terms(under_delta: bool) -> torch.Tensor:
+        """The groups' safe CE (under their δ, or without), each term added as computed."""
+        total = torch.zeros(())
+        for (b, d), w in zip(groups, weights, strict=True):
+            term = _ce(model, b, layer, d if under_delta else None)
+            term = term if len(groups) == 1 else w * term
+            add(term)
+            total = total + terms[-1].detach().cpu()
+        return total
+
+    safe_ce = safe_terms(True)  # answer safely under δ*
     anchor_term, anchor_ce, kl = _anchor_term(model, anchor, layer, None, anchor_loss, targets)
     add(anchor_term)  # ... and stay useful without δ
-    parts = {"safe_ce": float(safe_ce.detach()), "anchor_ce": float(anchor_ce.detach())}
+    parts = {"safe_ce": float(safe_ce), "anchor_ce": float(anchor_ce.detach())}
     if kl is not None:
         parts["anchor_kl"] = float(kl.detach())
     if safe_without_delta:
-        safe_plain = _ce(model, safe, layer, None)  # ... and keep refusing without δ
-        add(safe_plain)
-        parts["safe_plain_ce"] = float(safe_plain.detach())
+        safe_plain = safe_terms(False)  # ... and keep refusing without δ
+        parts["safe_plain_ce"] = float(safe_plain)
     if anchor_under_delta:  # ... and stay useful with δ
         term_d, ce_d, kl_d = _anchor_term(model, anchor, layer, delta, anchor_loss, targets)
         add(term_d)
