@@ -14,10 +14,11 @@
 #                                                # then removal variants side by side
 #   bash scripts/device_round.sh sweep GRID...   # attack-plan sweeps (zoo_sweep.py), one
 #                                                # process per JSON grid, side by side
-#   bash scripts/device_round.sh removals b25a32|auto25 [--reuse]   # BEEAR on every smollm2
-#                                                # setting: the shipped docs/configs/smollm2.toml
-#                                                # (+ plain-SFT baseline) or the same with
-#                                                # auto_budget 2.5 instead of delta_budget 0.25
+#   bash scripts/device_round.sh removals b25a32|a64|auto25 [--reuse]   # BEEAR on every
+#                                                # smollm2 setting: the shipped
+#                                                # docs/configs/smollm2.toml (+ plain-SFT
+#                                                # baseline), the same with 64 anchoring pairs,
+#                                                # or with auto_budget 2.5 instead of 0.25
 set -uo pipefail
 BX=/tmp/bx
 export PYTHONPATH="$PWD/src:$BX/pylib" HF_HUB_OFFLINE=1 BEEAR_CACHE="$BX/cache"
@@ -130,11 +131,14 @@ sweep)
     ;;
 removals)
     # One removal process per setting (each peaked at 6.9 GiB of GPU memory in stop 13, with
-    # the removal loss back-propagated term by term; 14 at once died of OOM before that). WHICH: b25a32 (the shipped smollm2 config + plain-SFT baseline) or auto25.
-    which="${2:?b25a32 or auto25}"
+    # the removal loss back-propagated term by term; 14 at once died of OOM before that). WHICH:
+    # b25a32 (the shipped smollm2 config + plain-SFT baseline), a64 (64 anchoring pairs) or
+    # auto25.
+    which="${2:?b25a32, a64 or auto25}"
     shift 2
     case "$which" in
     b25a32) spec="b25a32:$SMOL,delta_budget=0.25,baseline=sft" ;;
+    a64) spec="a64:${SMOL/anchor_batch_size=32/anchor_batch_size=64},delta_budget=0.25,baseline=sft" ;;
     auto25) spec="auto25:$SMOL,auto_budget=2.5,baseline=none" ;;
     *) echo "unknown variant $which" >&2; exit 2 ;;
     esac
