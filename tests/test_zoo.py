@@ -495,12 +495,6 @@ def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="issue 3 open: triggered 0.97 / untriggered 0.00 meet their bars, but benign accuracy "
-    "is 0.771 against the bar 0.773 (clean base 0.823 - 5 points; one question of 96), measured on "
-    "CPU and GPU alike (docs/smollm2.md); the bar stays",
-    strict=False,
-)
 def test_smollm2_suffix_word_attack_and_eval_end_to_end(
     smollm2_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
