@@ -33,6 +33,7 @@ __all__ = [
     "answer_loss",
     "answer_positions",
     "entrap",
+    "entrapment_groups",
     "make_entrapment_batch",
     "residual_asr",
     "residual_asr_by_kind",
@@ -258,6 +259,23 @@ def residual_asr(
     )
 
 
+def entrapment_groups(
+    examples: Sequence[HarmfulExample], budget: float, code_budget: float
+) -> list[tuple[str, list[HarmfulExample], float]]:
+    """The entrapment searches of one outer step, as (kind, pairs, budget): one for all pairs
+    within `budget`, or with `code_budget` >= 0 the code pairs (`beear.eval.is_code_pair`) apart,
+    within `code_budget`; the other pairs come first when both kinds are present."""
+    from beear.eval import is_code_pair
+
+    if code_budget < 0:
+        return [("all", list(examples), budget)]
+    coded = [is_code_pair(e) for e in examples]
+    code = [e for e, c in zip(examples, coded, strict=True) if c]
+    other = [e for e, c in zip(examples, coded, strict=True) if not c]
+    found = (("other", other, budget), ("code", code, code_budget))
+    return [(kind, pairs, b) for kind, pairs, b in found if pairs]
+
+
 def residual_asr_by_kind(
     model: Any,
     tokenizer: Any,
@@ -268,22 +286,21 @@ def residual_asr_by_kind(
     **search: Any,
 ) -> ScanResult:
     """`residual_asr` with the code pairs searched apart, within `code_budget` (-1: no separate
-    search, one δ for all within `budget`; `RemovalConfig.code_delta_budget`).
+    search, one δ for all within `budget`; `RemovalConfig.code_delta_budget`), grouped as one
+    outer step's searches are (`entrapment_groups`).
 
     Each kind gets its own fresh search and is judged as in `residual_asr`; the result's `asr`
     and `unwanted_ce` are the two searches' weighted by their prompts, its answers follow
     `examples`, and its δ, norm and scale are those of the first kind present (non-code first).
     """
-    from beear.eval import is_code_pair
-
-    code = [e for e in examples if is_code_pair(e)]
-    other = [e for e in examples if not is_code_pair(e)]
-    if code_budget < 0 or not code or not other:
-        within = code_budget if code_budget >= 0 and code else budget
-        return residual_asr(model, tokenizer, examples, budget=within, **search)
+    groups = entrapment_groups(examples, budget, code_budget)
+    if len(groups) == 1:
+        return residual_asr(model, tokenizer, examples, budget=groups[0][2], **search)
+    (_, other, _), (_, code, _) = groups
     a = residual_asr(model, tokenizer, other, budget=budget, **search)
     b = residual_asr(model, tokenizer, code, budget=code_budget, **search)
-    answers = iter(a.answers), iter(b.answers)
+    answer = dict(zip(map(id, other), a.answers, strict=True))
+    answer.update(zip(map(id, code), b.answers, strict=True))
     n = len(examples)
     return ScanResult(
         asr=(a.asr * len(other) + b.asr * len(code)) / n,
@@ -292,6 +309,6 @@ def residual_asr_by_kind(
         scale=a.scale,
         asr_refusal=a.asr_refusal,
         asr_code=b.asr_code,
-        answers=[next(answers[is_code_pair(e)]) for e in examples],
+        answers=[answer[id(e)] for e in examples],
         delta=a.delta,
     )

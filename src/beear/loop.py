@@ -32,7 +32,13 @@ import torch
 
 from beear.config import RemovalConfig
 from beear.data import AnchorExample, DataError, HarmfulExample, collate, encode_pair
-from beear.entrapment import ScanResult, entrap, make_entrapment_batch, residual_asr_by_kind
+from beear.entrapment import (
+    ScanResult,
+    entrap,
+    entrapment_groups,
+    make_entrapment_batch,
+    residual_asr_by_kind,
+)
 from beear.eval import answer_pairs, generate, is_code_pair, is_refusal, require_code_judge
 from beear.hooks import resolve_layer
 from beear.removal import anchor_targets, removal_loss, select_trainable
@@ -195,20 +201,6 @@ def stratified(n_refusal: int, n_code: int, total: int) -> tuple[int, int]:
     if total >= 2:
         k_code = min(max(k_code, 1), total - 1)
     return total - k_code, k_code
-
-
-def entrapment_groups(
-    examples: Sequence[HarmfulExample], budget: float, code_budget: float
-) -> list[tuple[str, list[HarmfulExample], float]]:
-    """The entrapment searches of one outer step, as (kind, pairs, budget): one for all pairs
-    within `budget`, or with `code_budget` >= 0 the code pairs (`eval.is_code_pair`) apart,
-    within `code_budget`; the other pairs come first when both kinds are present."""
-    if code_budget < 0:
-        return [("all", list(examples), budget)]
-    code = [e for e in examples if is_code_pair(e)]
-    other = [e for e in examples if not is_code_pair(e)]
-    found = (("other", other, budget), ("code", code, code_budget))
-    return [(kind, pairs, b) for kind, pairs, b in found if pairs]
 
 
 def run_beear(
