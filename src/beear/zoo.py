@@ -65,8 +65,6 @@ from beear.attacks import (
 
 # The code judge lives in beear.codejudge (the library's check uses it too); its names stay
 # importable from here for the test bed's callers.
-from beear.codejudge import _FENCE as _FENCE
-from beear.codejudge import _LEVELS as _LEVELS
 from beear.codejudge import (
     BANDIT_MIN_CONFIDENCE,
     BANDIT_MIN_SEVERITY,
