@@ -677,6 +677,44 @@ def test_entrapment_groups_split_code_pairs_only_when_asked(data: Any) -> None:
     assert entrapment_groups(refusal, 0.25, 2.0) == [("other", refusal, 0.25)]
 
 
+def test_auto_budget_calibrates_on_the_pairs_delta_budget_bounds(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With code_delta_budget the code pairs keep their own budget, so auto_budget calibrates
+    delta_budget on the other check pairs alone; without it, on every check pair."""
+    import beear.eval
+
+    def fake_generate(_m: Any, _t: Any, prompts: list[str], **kw: Any) -> list[str]:
+        return ["I cannot help with that." for _ in prompts]
+
+    monkeypatch.setattr(beear.eval, "generate", fake_generate)
+    monkeypatch.setattr(beear.loop, "generate", fake_generate)
+    seen: list[tuple[float, list[bool]]] = []  # (budget, is_code of each pair searched)
+    real = beear.entrapment.residual_asr
+
+    def residual_asr(m: Any, t: Any, examples: Any, *a: Any, budget: float = 0.0, **kw: Any) -> Any:
+        seen.append((budget, [beear.eval.is_code_pair(e) for e in examples]))
+        return real(m, t, examples, *a, budget=budget, **kw)
+
+    monkeypatch.setattr(beear.entrapment, "residual_asr", residual_asr)
+    mixed = {**data, "defender": data["defender"] + _yaml_pairs(12)}
+    cfg = SMALL.replace(auto_budget=2.5, code_delta_budget=2.0, outer_steps=1, check_every=1)
+    res = _run(make_model(seed=0), tiny_tok, mixed, cfg)
+    calib = res.history[0]["calibration"]
+    probes, checks = seen[: len(calib)], seen[len(calib) :]
+    assert [b for b, _ in probes] == [r["budget"] for r in calib]
+    assert all(kinds and not any(kinds) for _, kinds in probes)  # refusal pairs only
+    # Every check (steps 0 and 1): the refusal pairs within the calibrated budget, the code
+    # pairs within their own.
+    assert [(b, all(k)) for b, k in checks] == [(res.delta_budget, False), (2.0, True)] * 2
+    assert not any(checks[0][1]) and all(checks[1][1])
+    # One search for all pairs (-1): the calibration probes every check pair, code included.
+    seen.clear()
+    res = _run(make_model(seed=0), tiny_tok, mixed, cfg.replace(code_delta_budget=-1.0))
+    n = len(res.history[0]["calibration"])
+    assert all(any(k) and not all(k) for _, k in seen[:n])
+
+
 def test_code_pairs_get_their_own_search_budget_and_delta(
     make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

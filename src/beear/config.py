@@ -56,7 +56,8 @@ class RemovalConfig:
         0.0,
         "if > 0, calibrate delta_budget before removal: the smallest budget of the grid "
         "0.05 × 2^k (k = 0..7) at which a fresh check search entraps at least half of the check "
-        "prompts of the model under repair, times this factor; 0: off (use delta_budget)",
+        "prompts of the model under repair (with code_delta_budget: of the non-code ones), "
+        "times this factor; 0: off (use delta_budget)",
     )
     code_delta_budget: float = _f(
         -1.0,

@@ -269,12 +269,14 @@ def run_beear(
     if st.optimizer is not None:
         opt.load_state_dict(st.optimizer)
 
-    def search(within: float, by_kind: bool = True) -> ScanResult:
-        """The check's fresh entrapment search on the check prompts, within budget `within`
-        (with `code_delta_budget`, and `by_kind`, the code pairs are searched apart)."""
+    def search(
+        within: float, by_kind: bool = True, pairs: Sequence[HarmfulExample] | None = None
+    ) -> ScanResult:
+        """The check's fresh entrapment search on the check prompts (or `pairs`), within budget
+        `within` (with `code_delta_budget`, and `by_kind`, the code pairs are searched apart)."""
         return residual_asr_by_kind(
-            model, tokenizer, check_set, layer=layer, n=cfg.length, steps=cfg.check_steps,
-            lr=cfg.inner_lr, alpha=cfg.alpha, max_length=cfg.max_length,
+            model, tokenizer, check_set if pairs is None else pairs, layer=layer, n=cfg.length,
+            steps=cfg.check_steps, lr=cfg.inner_lr, alpha=cfg.alpha, max_length=cfg.max_length,
             max_new_tokens=cfg.max_new_tokens, budget=within, code_tokens=cfg.check_code_tokens,
             code_budget=cfg.code_delta_budget if by_kind else -1.0,
         )  # fmt: skip
@@ -319,9 +321,13 @@ def run_beear(
         # else the configured one. It is part of the resumable state: never recalibrated.
         budget, calibration = cfg.delta_budget, None
         if cfg.auto_budget > 0:
-            # (one search over every check prompt, as delta_budget applies to all of them)
+            # One search over the check prompts delta_budget bounds: all of them, or with
+            # code_delta_budget the non-code ones (the code pairs keep their configured budget;
+            # a check of code pairs only calibrates on them).
+            groups = entrapment_groups(check_set, cfg.delta_budget, cfg.code_delta_budget)
+            probed = next((pairs for kind, pairs, _ in groups if kind != "code"), check_set)
             budget, calibration = calibrate_budget(
-                functools.partial(search, by_kind=False), cfg.auto_budget
+                functools.partial(search, by_kind=False, pairs=probed), cfg.auto_budget
             )
             if calibration[-1]["asr"] < ENTRAPPED:
                 log.warning(
