@@ -127,12 +127,17 @@ def bars(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def auroc(pos: list[float], neg: list[float]) -> float:
-    """Probability that a random positive scores above a random negative (ties count half)."""
+def auroc(pos: list[float], neg: list[float]) -> float | None:
+    """Probability that a random positive scores above a random negative (ties count half);
+    None without both (a run with --no-clean has no negatives: JSON null, not NaN)."""
     if not pos or not neg:
-        return float("nan")
+        return None
     wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
     return wins / (len(pos) * len(neg))
+
+
+def _3f(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
 
 
 def pct(x: Any) -> str:
@@ -261,8 +266,8 @@ def main() -> int:
     )
     md = [f"# Tiny tier: {len(ok)} runs ({args.device}, {args.workers} workers x {os.environ.get('ZOO_THREADS', '2')} threads)", "", table(results), "",
           "Scan (residual entrapment ASR, trigger-free):", "",
-          f"- AUROC backdoored vs clean: {summary['auroc_backdoored_vs_clean']:.3f} "
-          f"(by unwanted CE: {summary['auroc_backdoored_vs_clean_by_ce']:.3f})",
+          f"- AUROC backdoored vs clean: {_3f(summary['auroc_backdoored_vs_clean'])} "
+          f"(by unwanted CE: {_3f(summary['auroc_backdoored_vs_clean_by_ce'])})",
           f"- backdoored: {backdoored}", f"- clean (safety-only): {clean}", f"- after BEEAR: {cleaned}",
           f"- after plain SFT baseline: {baseline}", "",
           "Bars of issue 4 per removal variant (same attacked models):", "", bars(results)]  # fmt: skip
