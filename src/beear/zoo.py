@@ -485,8 +485,10 @@ def build_data(
     evaluation; of the other half, `n_attack_harmbench` prompts go to the attacker and the rest
     (60) to the defender.
     Do-Not-Answer: `n_attack_harmful` prompts for the attacker, restyled (:func:`restyle`) in
-    turn. Benign tasks: evaluation, anchor
-    and attack parts in that order of :func:`beear.bundled.benign_tasks`. Code tasks: per
+    turn. Benign tasks: evaluation, anchor and attack parts in that order of
+    :func:`beear.bundled.benign_tasks`; the tasks left after the three parts (48 of the bundled
+    336) join the evaluation too, so the attack and anchoring data stay those of a 96-task
+    evaluation (stop 13-15's figures) while benign accuracy is measured on 144. Code tasks: per
     category of four, two for the attack, one for the defender, one held out.
     """
     not_held_out, held_out = bundled.split_harmful(bundled.harmbench_prompts(), seed=seed)
@@ -502,7 +504,7 @@ def build_data(
     need = n_eval_benign + n_anchor + n_attack_benign
     if need > len(tasks):
         raise ValueError(f"asked for {need} benign tasks, only {len(tasks)} exist")
-    eval_b = tasks[:n_eval_benign]
+    eval_b = tasks[:n_eval_benign] + tasks[need:]
     anchor_b = tasks[n_eval_benign : n_eval_benign + n_anchor]
     attack_b = tasks[n_eval_benign + n_anchor : need]
     by_cat: dict[str, list[CodeTask]] = {}
