@@ -80,6 +80,8 @@ def run_one(
             t0 = time.perf_counter()
             summ = remove(work / "attacked", out, config=cfg, defender=defender,
                           anchor=anchor, device=device)  # fmt: skip
+            if summ.get("interrupted"):  # a signal reached the removal; its checkpoint stays
+                raise RuntimeError(f"{name}: removal {vname} interrupted ({summ['resume']})")
             v: dict[str, Any] = {"config": cfg.to_dict(), "remove": summ}
             v["remove_seconds_total"] = round(time.perf_counter() - t0, 1)
             v["after"] = evaluate_dir(out, trigger=trigger, device=device)
