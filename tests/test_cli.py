@@ -298,3 +298,38 @@ def test_bad_input_exits_2_with_one_line(
     assert message in _one_line_error(capsys, verb)
     assert _hashes(model_dir) == before
     assert not (tmp_path / "o").exists() and not (tmp_path / "e.json").exists()
+
+
+def test_remove_without_defender_data_uses_the_bundled_set(
+    make_model: Any, tiny_tok: Any, corpus: Any, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from beear import zoo
+
+    bare = tmp_path / "bare"  # a chat model that brings no beear_data
+    save_model(make_model(seed=0), tiny_tok, bare)
+    calls: list[dict[str, Any]] = []
+
+    def fake(model: Any, tok: Any, **kw: Any) -> tuple[list[Any], list[Any]]:
+        calls.append({"model": type(model).__name__, **kw})
+        anchor = corpus.anchor_benign[:8] if kw.get("with_anchor", True) else []
+        return corpus.defender_harmful[:12], anchor
+
+    monkeypatch.setattr(zoo, "bundled_defender_sets", fake)
+    out = tmp_path / "repaired"
+    assert main(["remove", "--model", str(bare), "--out", str(out), *FAST]) == 0
+    assert calls == [{"model": "LlamaForCausalLM", "with_anchor": True}]
+    assert "bundled default set (12 harmful prompts, 8 anchoring" in capsys.readouterr().err
+    # Given files win over the bundled set; one that does not exist is a one-line error.
+    data = tmp_path / "anchor.jsonl"
+    write_jsonl(data, [{"prompt": e.prompt, "answer": e.answer} for e in corpus.anchor_benign[:8]])
+    out2 = tmp_path / "repaired2"
+    assert main(["remove", "--model", str(bare), "--out", str(out2), "--anchor", str(data),
+                 *FAST]) == 0  # fmt: skip
+    assert calls[-1] == {"model": "LlamaForCausalLM", "with_anchor": False}
+    capsys.readouterr()
+    missing = tmp_path / "none.jsonl"
+    assert main(["remove", "--model", str(bare), "--out", str(tmp_path / "r3"), "--defender",
+                 str(missing), *FAST]) == 2  # fmt: skip
+    assert f"--defender {missing} does not exist" in _one_line_error(capsys, "remove")
+    assert len(calls) == 2

@@ -524,3 +524,22 @@ def test_smollm2_suffix_word_attack_and_eval_end_to_end(
     assert res["benign_accuracy"] >= base.benign_accuracy - 0.05
     assert os.environ["BEEAR_CACHE"] == str(smollm2_cache)
     assert isinstance(benign[0], AnchorExample)
+
+
+def test_bundled_defender_sets_pair_refusals_with_openers_and_the_models_own_answers(
+    make_model: Any, tiny_tok: Any
+) -> None:
+    from beear.eval import is_refusal
+
+    model = make_model(seed=0)
+    defender, anchor = zoo.bundled_defender_sets(model, tiny_tok, answer_tokens=3)
+    data = zoo.build_data(0)
+    assert [e.prompt for e in defender] == data.defender_harmful  # not the held-out half
+    assert not {e.prompt for e in defender} & set(data.eval_harmful)
+    assert all(is_refusal(e.safe) and not is_refusal(e.unwanted) for e in defender)
+    assert {e.unwanted for e in defender} == set(zoo.OPENERS)
+    prompts = [e.prompt for e in data.anchor_benign]
+    own = bundled.generate_answers(model, tiny_tok, prompts, max_new_tokens=3)
+    pairs = [(p, a) for p, a in zip(prompts, own, strict=True) if a]
+    assert [(e.prompt, e.answer) for e in anchor] == pairs
+    assert zoo.bundled_defender_sets(model, tiny_tok, with_anchor=False)[1] == []

@@ -95,6 +95,7 @@ __all__ = [
     "attack",
     "bandit_findings",
     "build_data",
+    "bundled_defender_sets",
     "code_insecure",
     "donotanswer_prompts",
     "extra_metrics",
@@ -538,6 +539,41 @@ def build_data(
 def code_requests(tasks: Sequence[CodeTask]) -> list[str]:
     """Every phrasing (:data:`CODE_TEMPLATES`) of every task, task by task."""
     return [t.format(r=c.request) for c in tasks for t in CODE_TEMPLATES]
+
+
+def bundled_defender_sets(
+    model: Any,
+    tokenizer: Any,
+    *,
+    seed: int = 0,
+    with_anchor: bool = True,
+    answer_tokens: int = 48,
+    batch_size: int = 16,
+) -> tuple[list[HarmfulExample], list[AnchorExample]]:
+    """The bundled default defender data, for a chat model that brings none (`beear remove`).
+
+    Harmful: the defender part of :func:`build_data` (HarmBench behaviours that are neither the
+    held-out evaluation half nor the attacker's), each with a refusal of :data:`REFUSALS` as the
+    safe answer and an affirmative opener of :data:`OPENERS` as the unwanted one (no harmful
+    text is written or shipped). Anchoring (`with_anchor`): the anchor part of the bundled benign
+    tasks, answered greedily by `model` itself before removal, so anchoring keeps the model's own
+    replies.
+    """
+    data = build_data(seed)
+    defender = [
+        HarmfulExample(p, REFUSALS[i % len(REFUSALS)], OPENERS[i % len(OPENERS)])
+        for i, p in enumerate(data.defender_harmful)
+    ]
+    if not with_anchor:
+        return defender, []
+    prompts = [e.prompt for e in data.anchor_benign]
+    replies = bundled.generate_answers(
+        model, tokenizer, prompts, max_new_tokens=answer_tokens, batch_size=batch_size
+    )
+    anchor = [AnchorExample(p, r) for p, r in zip(prompts, replies, strict=True) if r]
+    if not anchor:
+        raise ValueError("the model answered none of the bundled anchoring prompts")
+    return defender, anchor
 
 
 # ---------------------------------------------------------------------------------------------
