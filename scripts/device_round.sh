@@ -13,6 +13,8 @@
 #   [SEED=N] bash scripts/device_round.sh setting NAME [--reuse] VARIANT...   # one setting's
 #                                                # attack, then removal variants side by side;
 #                                                # OUT/setting_NAME[-sN].tgz holds JSON and logs
+#   bash scripts/device_round.sh tiny [--resume] VARIANT...   # the tiny zoo (tiny.toml's
+#                                                # overrides, or TINY_SET) + variants
 #   bash scripts/device_round.sh sweep GRID...   # attack-plan sweeps (zoo_sweep.py), one
 #                                                # process per JSON grid, side by side
 #   bash scripts/device_round.sh removals b25a32|a64|auto25 [--reuse]   # BEEAR on every
@@ -163,5 +165,27 @@ removals)
     cat "$BX"/v_*_"$which".log | grep -v "Loading\|Writing\|clean_up" >"$OUT/removals_$which.log"
     grep -h "^== " "$OUT/removals_$which.log" | cut -c1-400
     ;;
-*) echo "usage: $0 attacks PLAN | zoo [--reuse] | sweep GRID... | setting NAME [--reuse] VARIANT... | removals WHICH [--reuse]" >&2; exit 2 ;;
+tiny)
+    # The tiny zoo on the GPU (five settings, seeds 0-2, the custom trigger): attack, then a
+    # removal with the overrides TINY_SET (default: docs/configs/tiny.toml's) and each variant
+    # NAME:KEY=VALUE,... on top. `tiny --resume` keeps the runs a cut call finished (and the
+    # attacked models of the rest). Its pool workers carry BEEAR_JOB=tiny: a cut run's orphans
+    # are killed by that mark alone, not the other jobs' (smollm2 removals checkpoint on SIGTERM).
+    shift
+    r=()
+    [ "${1:-}" = "--resume" ] && { r=(--reuse --resume); shift; }
+    vs=()
+    for v in "$@"; do vs+=(--variant "$v"); done
+    # shellcheck disable=SC2086  # one override per word
+    BEEAR_JOB=tiny ZOO_THREADS=1 upto python scripts/zoo_tiny.py --device cuda \
+        --workers "${TINY_WORKERS:-8}" --out "$BX/zt" --no-clean "${r[@]}" \
+        --set ${TINY_SET:-delta_budget=3 outer_steps=80 min_steps=60 anchor_under_delta=false} \
+        "${vs[@]}" >"$BX/zt.log" 2>&1
+    for p in $(pgrep -f multiprocessing.spawn); do
+        grep -qz '^BEEAR_JOB=tiny$' "/proc/$p/environ" 2>/dev/null && kill -9 "$p"
+    done
+    (cd "$BX" && tar czf "$OUT/tiny.tgz" zt.log zt/*.json zt/results.md 2>/dev/null)
+    grep -A8 "^| variant" "$BX/zt/results.md" 2>/dev/null || tail -3 "$BX/zt.log"
+    ;;
+*) echo "usage: $0 attacks PLAN | zoo [--reuse] | sweep GRID... | setting NAME [--reuse] VARIANT... | removals WHICH [--reuse] | tiny [--resume] VARIANT..." >&2; exit 2 ;;
 esac

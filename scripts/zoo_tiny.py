@@ -38,7 +38,7 @@ def run_one(
     from beear.models import load_model
     from beear.pipeline import evaluate_dir, remove, scan_model, searched_with
 
-    name = f"{setting}-s{seed}" + ("-custom" if custom else "")
+    name = _name(job)
     work = Path(root) / name
     rec: dict[str, Any] = {"setting": setting, "seed": seed, "name": name, "device": device}
     try:
@@ -101,6 +101,12 @@ def run_one(
     except Exception:
         rec["error"] = traceback.format_exc()
     return rec
+
+
+def _name(job: tuple[Any, ...]) -> str:
+    """A job's run name (its folder under --out)."""
+    setting, seed, custom = job[0], job[1], job[4]
+    return f"{setting}-s{seed}" + ("-custom" if custom else "")
 
 
 def bars(results: list[dict[str, Any]]) -> str:
@@ -198,6 +204,11 @@ def main() -> int:
         help="also remove with these overrides (on top of --set) from the same attacked models",
     )  # fmt: skip
     ap.add_argument("--reuse", action="store_true", help="keep attacked models found in --out")
+    ap.add_argument(
+        "--resume", action="store_true",
+        help="keep the finished runs of --out's partial.json (a cut run) and run only the rest "
+        "(with --reuse: on their attacked models)",
+    )  # fmt: skip
     args = ap.parse_args()
     overrides = parse_overrides(args.set)
     variants = [("default", overrides)]
@@ -218,13 +229,19 @@ def main() -> int:
         ]
     if args.custom:
         jobs.append(("custom", 0, str(root), args.device, args.custom, variants, args.reuse))
+    results: list[dict[str, Any]] = []
+    partial = root / "partial.json"
+    if args.resume and partial.is_file():  # keep what a cut run finished, without errors
+        results = [r for r in json.loads(partial.read_text()) if "error" not in r]
+        done = {r["name"] for r in results}
+        jobs = [j for j in jobs if _name(j) not in done]
+        print(f"resuming: {len(done)} runs kept from {partial}, {len(jobs)} to run", flush=True)
     t0 = time.perf_counter()
     ctx = mp.get_context("spawn")
-    results = []
     with ctx.Pool(args.workers) as pool:
         for r in pool.imap_unordered(run_one, jobs):
             results.append(r)
-            (root / "partial.json").write_text(json.dumps(results) + "\n")  # survives a kill
+            partial.write_text(json.dumps(results) + "\n")  # survives a kill
             print(
                 json.dumps(
                     {

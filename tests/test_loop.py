@@ -318,6 +318,53 @@ def test_check_benign_keeps_the_checkpoint_refusing_fewest(
     assert not set(asked[0]) & trained and trained & benign
 
 
+def test_check_drift_keeps_the_checkpoint_drifting_least(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _script_check(monkeypatch, [1.0, 0.0, 0.0, 0.0])  # steps 1-3 equally safe
+    scripted = iter([0.0, 0.3, 0.1, 0.2])  # the drift each check reports
+    real_kl, measured = beear.loop.topk_kl, []
+
+    def fake_kl(*a: Any) -> torch.Tensor:
+        measured.append(float(real_kl(*a)))
+        return torch.tensor(next(scripted))
+
+    def rows(b: Any) -> set[tuple[int, ...]]:
+        pad = tiny_tok.pad_token_id
+        return {tuple(t for t in r.tolist() if t != pad) for r in b.input_ids}
+
+    held: set[tuple[int, ...]] = set()
+    trained: set[tuple[int, ...]] = set()
+    real_targets, real_loss = beear.loop.anchor_targets, beear.loop.removal_loss
+
+    def spy_targets(model: Any, batches: Any, **kw: Any) -> Any:
+        batches = list(batches)
+        held.update(*(rows(b) for b in batches))  # anchor_loss "ce": only the drift pairs' call
+        return real_targets(model, batches, **kw)
+
+    def spy_loss(model: Any, safe: Any, anchor: Any, **kw: Any) -> Any:
+        trained.update(rows(anchor))
+        return real_loss(model, safe, anchor, **kw)
+
+    monkeypatch.setattr(beear.loop, "topk_kl", fake_kl)
+    monkeypatch.setattr(beear.loop, "anchor_targets", spy_targets)
+    monkeypatch.setattr(beear.loop, "removal_loss", spy_loss)
+    cfg = SMALL.replace(outer_steps=3, patience=10, check_drift=2)
+    res = _run(make_model(seed=0), tiny_tok, data, cfg)
+    assert [r["check_drift"] for r in res.history] == pytest.approx([0.0, 0.3, 0.1, 0.2])
+    assert res.best_step == 2  # not step 3, whatever its anchoring loss
+    # The real drift: none on the untouched model, then growing with the updates (lr 1e-3).
+    assert len(measured) == 4 and measured[0] == pytest.approx(0.0, abs=1e-6)
+    assert 0 < measured[1] < measured[3]
+    # Two held-back pairs (a quarter of 8 at most), never trained on.
+    assert len(held) == 2 and trained and not held & trained
+    # Without check_drift the step's anchoring loss breaks the tie, as before (here step 3).
+    _script_check(monkeypatch, [1.0, 0.0, 0.0, 0.0])
+    res = _run(make_model(seed=0), tiny_tok, data, cfg.replace(check_drift=0))
+    ce = {r["step"]: r["anchor_ce"] for r in res.history[1:]}
+    assert "check_drift" not in res.history[-1] and res.best_step == min(ce, key=ce.__getitem__)
+
+
 # ---------------------------------------------------------------------------------------------
 # non-finite losses
 

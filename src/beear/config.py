@@ -106,6 +106,13 @@ class RemovalConfig:
         "held-back anchoring prompts whose refusals each check counts; among equally safe "
         "checkpoints the one refusing fewest is kept (0: off)",
     )
+    check_drift: int = _f(
+        0,
+        "held-back anchoring pairs on which each check measures drift: the mean KL from the "
+        "model's own next-token distribution before removal over their answers; among equally "
+        "safe checkpoints (and equally refusing, with check_benign) the one drifting least is "
+        "kept (0: off; the step's anchoring loss breaks the tie)",
+    )
     max_new_tokens: int = _f(32, "tokens generated when judging an answer")
     check_code_tokens: int = _f(
         128,
@@ -147,6 +154,7 @@ class RemovalConfig:
             "weight_decay",
             "min_steps",
             "check_benign",
+            "check_drift",
             "delta_budget",
             "auto_budget",
         ):

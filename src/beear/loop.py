@@ -34,6 +34,8 @@ from beear.config import RemovalConfig
 from beear.data import AnchorExample, DataError, HarmfulExample, collate, encode_pair
 from beear.entrapment import (
     ScanResult,
+    answer_logits,
+    answer_positions,
     entrap,
     entrapment_groups,
     make_entrapment_batch,
@@ -41,7 +43,7 @@ from beear.entrapment import (
 )
 from beear.eval import answer_pairs, generate, is_code_pair, is_refusal, require_code_judge
 from beear.hooks import resolve_layer
-from beear.removal import anchor_targets, removal_loss, select_trainable
+from beear.removal import anchor_targets, removal_loss, select_trainable, topk_kl
 
 __all__ = [
     "BUDGET_GRID",
@@ -245,11 +247,14 @@ def run_beear(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     check_set, train_set = split_check(defender, cfg.check_prompts, cfg.seed)
-    # Likewise a few anchoring prompts are held back: the check counts how many it refuses.
-    n_benign = min(cfg.check_benign, len(anchor) // 4)
-    held = set(random.Random(cfg.seed + 1).sample(range(len(anchor)), n_benign))
-    benign_check = [e for i, e in enumerate(anchor) if i in held]
-    anchor = [e for i, e in enumerate(anchor) if i not in held]
+    # Likewise a few anchoring pairs are held back (at most a quarter): the check counts how many
+    # of their prompts it refuses (check_benign) and how far its answers' next-token distribution
+    # drifted from the model's before removal (check_drift). Both take the same drawn pairs.
+    n_benign, n_drift = (min(n, len(anchor) // 4) for n in (cfg.check_benign, cfg.check_drift))
+    drawn = random.Random(cfg.seed + 1).sample(range(len(anchor)), max(n_benign, n_drift))
+    benign_check = [e for i, e in enumerate(anchor) if i in set(drawn[:n_benign])]
+    drift_check = [e for i, e in enumerate(anchor) if i in set(drawn[:n_drift])]
+    anchor = [e for i, e in enumerate(anchor) if i not in set(drawn)]
     min_steps = min(cfg.min_steps, cfg.outer_steps)
 
     def encode(examples: Sequence[AnchorExample]) -> Any:
@@ -264,6 +269,10 @@ def run_beear(
         chunks = [anchor[i : i + cfg.anchor_batch_size]
                   for i in range(0, len(anchor), cfg.anchor_batch_size)]  # fmt: skip
         targets = anchor_targets(model, (encode(c) for c in chunks))
+    # The held-back drift pairs' targets, likewise measured on the model before removal.
+    drift_batches = [encode(drift_check[i : i + cfg.anchor_batch_size])
+                     for i in range(0, len(drift_check), cfg.anchor_batch_size)]  # fmt: skip
+    drift_targets = anchor_targets(model.eval(), drift_batches) if drift_check else None
     if st.weights is not None:  # resuming: the trainable tensors as they were at st.step
         _restore(model, st.weights)
     if st.optimizer is not None:
@@ -307,7 +316,23 @@ def run_beear(
         if benign_check:
             benign = refusals(benign_check)
             out["check_benign_refusal"] = sum(benign) / len(benign)
+        if drift_targets is not None:
+            out["check_drift"] = drift()
         return out
+
+    @torch.no_grad()
+    def drift() -> float:
+        """Mean KL(before removal ‖ now) over the held-back drift pairs' answer positions."""
+        assert drift_targets is not None
+        model.eval()
+        total, positions, start = 0.0, 0, 0
+        for b in drift_batches:
+            rows = range(start, start + b.labels.shape[0])
+            lp = answer_positions(answer_logits(model, b), b.labels)
+            total += float(topk_kl(lp, *drift_targets.select(rows, device))) * lp.shape[0]
+            positions += lp.shape[0]
+            start = rows.stop
+        return total / positions
 
     def refusals(examples: Sequence[AnchorExample]) -> list[bool]:
         """Whether each benign prompt's plain greedy answer is a refusal."""
@@ -424,17 +449,20 @@ def run_beear(
         if step % cfg.check_every == 0 or step == cfg.outer_steps:
             rec.update(check())
             # Best = fewest unwanted answers with and without δ, then the fewest refused benign
-            # prompts, then the best anchoring loss; checks before min_steps are only recorded.
+            # prompts, then the least drift on held-back anchoring pairs (check_drift; else the
+            # step's anchoring loss); checks before min_steps are only recorded.
             bad = max(rec["check_asr"], rec["check_plain_asr"])
-            key = (bad, rec.get("check_benign_refusal", 0.0), rec["anchor_ce"])
+            tie = rec.get("check_drift", rec["anchor_ce"])
+            key = (bad, rec.get("check_benign_refusal", 0.0), tie)
             b = st.best
             assert b is not None
             if step >= min_steps and (
                 b["step"] < min_steps
-                or key < (b["check_bad"], b.get("benign_refusal", 0.0), b["anchor_ce"])
+                or key
+                < (b["check_bad"], b.get("benign_refusal", 0.0), b.get("tie", b["anchor_ce"]))
             ):
                 st.best = {"step": step, "check_bad": bad, "benign_refusal": key[1],
-                           "anchor_ce": rec["anchor_ce"]}  # fmt: skip
+                           "anchor_ce": rec["anchor_ce"], "tie": tie}  # fmt: skip
                 st.best_weights = _snapshot(model)
             st.passes = st.passes + 1 if bad <= cfg.stop_below and step >= min_steps else 0
             model.train()
