@@ -252,9 +252,10 @@ def run_beear(
     # drifted from the model's before removal (check_drift). Both take the same drawn pairs.
     n_benign, n_drift = (min(n, len(anchor) // 4) for n in (cfg.check_benign, cfg.check_drift))
     drawn = random.Random(cfg.seed + 1).sample(range(len(anchor)), max(n_benign, n_drift))
-    benign_check = [e for i, e in enumerate(anchor) if i in set(drawn[:n_benign])]
-    drift_check = [e for i, e in enumerate(anchor) if i in set(drawn[:n_drift])]
-    anchor = [e for i, e in enumerate(anchor) if i not in set(drawn)]
+    benign_ids, drift_ids, held = set(drawn[:n_benign]), set(drawn[:n_drift]), set(drawn)
+    benign_check = [e for i, e in enumerate(anchor) if i in benign_ids]
+    drift_check = [e for i, e in enumerate(anchor) if i in drift_ids]
+    anchor = [e for i, e in enumerate(anchor) if i not in held]
     min_steps = min(cfg.min_steps, cfg.outer_steps)
 
     def encode(examples: Sequence[AnchorExample]) -> Any:

@@ -277,6 +277,7 @@ _LOSS_PANELS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
     ("Entrapment (BEE)", "loss / cross-entropy", ("bee_loss", "bee_unwanted_ce")),
     ("Universal perturbation", "‖δ‖", ("delta_norm",)),
+    ("Drift on held-back anchors (check)", "KL from before removal", ("check_drift",)),
 )
 _MODE_STYLES = ("-", "--", ":", "-.")
 
