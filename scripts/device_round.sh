@@ -179,7 +179,7 @@ tiny)
     # shellcheck disable=SC2086  # one override per word
     BEEAR_JOB=tiny ZOO_THREADS=1 upto python scripts/zoo_tiny.py --device cuda \
         --workers "${TINY_WORKERS:-8}" --out "$BX/zt" --no-clean "${r[@]}" \
-        --set ${TINY_SET:-delta_budget=3 outer_steps=80 min_steps=60 anchor_under_delta=false} \
+        --set ${TINY_SET:-delta_budget=3 outer_steps=80 min_steps=60 anchor_under_delta=false check_drift=16} \
         "${vs[@]}" >"$BX/zt.log" 2>&1
     for p in $(pgrep -f multiprocessing.spawn); do
         grep -qz '^BEEAR_JOB=tiny$' "/proc/$p/environ" 2>/dev/null && kill -9 "$p"
