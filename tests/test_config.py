@@ -172,28 +172,10 @@ def test_shipped_config_files_load_and_change_what_they_say() -> None:
     import tomllib
 
     files = sorted((Path(__file__).resolve().parents[1] / "docs" / "configs").glob("*.toml"))
-    assert files
+    assert {f.stem for f in files} >= {"tiny", "smollm2"}
     for f in files:
         cfg = load_config(f, {})
         raw = tomllib.loads(f.read_text())
         assert raw
         for key, value in raw.items():
             assert getattr(cfg, key) == value != getattr(RemovalConfig(), key), (f.name, key)
-
-
-SHIPPED = sorted((Path(__file__).resolve().parents[1] / "docs" / "configs").glob("*.toml"))
-
-
-@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
-def test_shipped_configs_load_and_set_what_they_say(path: Path) -> None:
-    # Every key of the configs the docs tell users to pass is a valid field with a valid value,
-    # and each one changes something (a key that equals the default would be dead text).
-    import tomllib
-
-    raw = tomllib.loads(path.read_text())
-    cfg = load_config(path)
-    assert raw and all(getattr(cfg, k) != getattr(RemovalConfig(), k) for k in raw)
-
-
-def test_the_shipped_configs_exist() -> None:
-    assert {p.stem for p in SHIPPED} >= {"tiny", "smollm2"}

@@ -24,7 +24,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -264,16 +264,21 @@ def run_beear(
         ]
         return collate(enc, pad_id=tokenizer.pad_token_id, n_perturb=cfg.length).to(device)
 
-    targets = None
-    if cfg.anchor_loss != "ce":  # the distillation targets: the model as it is before removal
+    def chunks(examples: Sequence[AnchorExample]) -> Iterator[Any]:
+        """`examples` encoded in batches of anchor_batch_size, one at a time."""
+        for i in range(0, len(examples), cfg.anchor_batch_size):
+            yield encode(examples[i : i + cfg.anchor_batch_size])
+
+    # The distillation targets (a KL anchor) and the held-back drift pairs' targets: the model
+    # as it is before removal.
+    targets = drift_targets = None
+    if cfg.anchor_loss != "ce":
         model.eval()
-        chunks = [anchor[i : i + cfg.anchor_batch_size]
-                  for i in range(0, len(anchor), cfg.anchor_batch_size)]  # fmt: skip
-        targets = anchor_targets(model, (encode(c) for c in chunks))
-    # The held-back drift pairs' targets, likewise measured on the model before removal.
-    drift_batches = [encode(drift_check[i : i + cfg.anchor_batch_size])
-                     for i in range(0, len(drift_check), cfg.anchor_batch_size)]  # fmt: skip
-    drift_targets = anchor_targets(model.eval(), drift_batches) if drift_check else None
+        targets = anchor_targets(model, chunks(anchor))
+    drift_batches = list(chunks(drift_check))
+    if drift_batches:
+        model.eval()
+        drift_targets = anchor_targets(model, drift_batches)
     if st.weights is not None:  # resuming: the trainable tensors as they were at st.step
         _restore(model, st.weights)
     if st.optimizer is not None:
