@@ -365,6 +365,66 @@ def test_check_drift_keeps_the_checkpoint_drifting_least(
     assert "check_drift" not in res.history[-1] and res.best_step == min(ce, key=ce.__getitem__)
 
 
+def test_shrink_keeps_the_smallest_safe_share_of_the_update(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Steps 0-2, then the shares 0.8, 0.6, 0.4 (0.2 is never tried: 0.4 fails first).
+    _script_check(monkeypatch, [1.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0])
+    model = make_model(seed=0)
+    before = _weights(model)
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    cfg = SMALL.replace(outer_steps=2, patience=10, shrink=4)
+    res = _run(model, tiny_tok, data, cfg,
+               on_step=lambda r: seen.__setitem__(r["step"], _weights(model)))  # fmt: skip
+    assert res.best_step == 2 and res.kept_share == pytest.approx(0.6)
+    assert [c["share"] for c in res.shrink_checks] == pytest.approx([0.8, 0.6, 0.4])
+    assert [c["passed"] for c in res.shrink_checks] == [True, True, False]
+    assert [c["check_asr"] for c in res.shrink_checks] == [0.0, 0.0, 0.5]
+    after, best = _weights(res.model), seen[2]
+    for n in after:
+        torch.testing.assert_close(after[n], before[n] + 0.6 * (best[n] - before[n]))
+    assert not _same(after, best) and not _same(after, before)
+    assert len(res.history) == 3  # the shares' checks are not outer steps
+
+
+def test_shrink_leaves_an_unsafe_or_failing_best_whole(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No checkpoint passes the check: nothing is shrunk, no share is even tried.
+    _script_check(monkeypatch, [1.0, 0.5, 0.5])
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    model = make_model(seed=0)
+    cfg = SMALL.replace(outer_steps=2, patience=10, shrink=3)
+    res = _run(model, tiny_tok, data, cfg,
+               on_step=lambda r: seen.__setitem__(r["step"], _weights(model)))  # fmt: skip
+    assert res.kept_share == 1.0 and res.shrink_checks == []
+    assert _same(_weights(res.model), seen[res.best_step])
+    # The largest share fails: the best checkpoint is kept exactly.
+    _script_check(monkeypatch, [1.0, 0.0, 0.0, 0.25])
+    seen.clear()
+    model = make_model(seed=0)
+    res = _run(model, tiny_tok, data, cfg,
+               on_step=lambda r: seen.__setitem__(r["step"], _weights(model)))  # fmt: skip
+    assert res.kept_share == 1.0 and [c["passed"] for c in res.shrink_checks] == [False]
+    assert _same(_weights(res.model), seen[2])
+
+
+def test_interpolate_scales_a_lora_update_linearly() -> None:
+    g = torch.Generator().manual_seed(0)
+    a0, a1 = torch.randn(2, 6, generator=g), torch.randn(2, 6, generator=g)
+    b1 = torch.randn(4, 2, generator=g)
+    w0, w1 = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    origin = {"x.lora_A.default.weight": a0, "x.lora_B.default.weight": torch.zeros(4, 2),
+              "y.weight": w0}  # fmt: skip
+    final = {"x.lora_A.default.weight": a1, "x.lora_B.default.weight": b1, "y.weight": w1}
+    out = beear.loop.interpolate(origin, final, 0.25)
+    assert torch.equal(out["x.lora_A.default.weight"], a1)
+    merged = out["x.lora_B.default.weight"] @ out["x.lora_A.default.weight"]
+    torch.testing.assert_close(merged, 0.25 * (b1 @ a1))
+    torch.testing.assert_close(out["y.weight"], w0 + 0.25 * (w1 - w0))
+    assert torch.equal(beear.loop.interpolate(origin, final, 1.0)["y.weight"], w1)
+
+
 # ---------------------------------------------------------------------------------------------
 # non-finite losses
 
