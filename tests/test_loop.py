@@ -409,6 +409,40 @@ def test_shrink_leaves_an_unsafe_or_failing_best_whole(
     assert _same(_weights(res.model), seen[2])
 
 
+def test_a_run_interrupted_while_shrinking_resumes_into_the_search(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Two passing checks stop the run at step 2 of 4.
+    cfg = SMALL.replace(outer_steps=4, patience=2, shrink=3)
+    shares = [0.0, 0.0, 0.5]  # 0.75 and 0.5 pass, 0.25 fails
+    _script_check(monkeypatch, [1.0, 0.0, 0.0, *shares])
+    res_a = _run(make_model(seed=0), tiny_tok, data, cfg)
+    assert res_a.kept_share == 0.5 and res_a.stopped_early and res_a.history[-1]["step"] == 2
+
+    # Stopped after the first share's check: the state is saved with the loop over.
+    _script_check(monkeypatch, [1.0, 0.0, 0.0, *shares])
+    scripted, calls = beear.entrapment.residual_asr, {"n": 0}
+
+    def counting(*a: Any, **kw: Any) -> ScanResult:
+        calls["n"] += 1
+        return scripted(*a, **kw)
+
+    monkeypatch.setattr(beear.entrapment, "residual_asr", counting)
+    ck = tmp_path / "ck"
+    res_b1 = _run(make_model(seed=0), tiny_tok, data, cfg, should_stop=lambda: calls["n"] >= 4,
+                  on_checkpoint=lambda m, st: checkpoint.save(ck, m, st))  # fmt: skip
+    assert calls["n"] == 4 and [c["share"] for c in res_b1.shrink_checks] == [0.75]
+    state = checkpoint.load(ck, None, cfg)
+    assert state is not None and state.step == 2 and state.passes == 2
+    # Resumed: no outer step and no step-0 check again, only the three shares' checks.
+    _script_check(monkeypatch, shares)
+    res_b = _run(make_model(seed=0), tiny_tok, data, cfg, state=state)
+    assert _strip_times(res_b.history) == _strip_times(res_a.history)
+    assert res_b.kept_share == 0.5 and res_b.best_step == res_a.best_step and res_b.stopped_early
+    assert _strip_times(res_b.shrink_checks) == _strip_times(res_a.shrink_checks)
+    assert _same(_weights(res_b.model), _weights(res_a.model))
+
+
 def test_interpolate_scales_a_lora_update_linearly() -> None:
     g = torch.Generator().manual_seed(0)
     a0, a1 = torch.randn(2, 6, generator=g), torch.randn(2, 6, generator=g)

@@ -405,9 +405,10 @@ def run_beear(
         st.delta_budget = cfg.delta_budget
     budget = st.delta_budget
 
-    stopped_early = False
+    interrupted = False
     model.train()
-    while st.step < cfg.outer_steps:
+    # A state saved after the loop ended (an interruption during `shrink`) runs no more steps.
+    while st.step < cfg.outer_steps and st.passes < cfg.patience:
         step = st.step + 1
         rng = random.Random(cfg.seed * 1_000_003 + step)  # data order depends on (seed, step) only
         harm = _sample(rng, train_set, cfg.batch_size)
@@ -497,7 +498,6 @@ def run_beear(
         if on_step:
             on_step(rec)
         if st.passes >= cfg.patience:
-            stopped_early = True
             break
         interrupted = should_stop is not None and should_stop()
         if on_checkpoint and (
@@ -513,18 +513,19 @@ def run_beear(
     _restore(model, st.best_weights)
     share, tried = 1.0, []
     b = st.best
-    if (
-        origin is not None
-        and b["step"] >= min_steps
-        and b["check_bad"] <= cfg.stop_below
-        and not (should_stop is not None and should_stop())
-    ):
+    safe_best = b["step"] >= min_steps and b["check_bad"] <= cfg.stop_below
+    if origin is not None and safe_best and not interrupted:
         # Keep less of the update while the check finds the model as safe as the best checkpoint
         # (as few unwanted answers, as few refused benign prompts): a smaller step away from the
         # model before removal moves its benign answers less. Shares are tried from the largest
         # down and the first failure ends the search, so every share above a kept one was safe.
         for k in range(cfg.shrink, 0, -1):
             if should_stop is not None and should_stop():
+                # The loop is over: the saved state resumes straight into this search (its
+                # `weights` are never trained on again).
+                if on_checkpoint:
+                    st.optimizer, st.weights = opt.state_dict(), st.best_weights
+                    on_checkpoint(model, st)
                 break
             frac = k / (cfg.shrink + 1)
             _restore(model, interpolate(origin, st.best_weights, frac))
@@ -546,7 +547,7 @@ def run_beear(
         delta_code=st.delta_code,
         history=st.history,
         best_step=int(st.best["step"]),
-        stopped_early=stopped_early,
+        stopped_early=st.passes >= cfg.patience,
         seconds=time.perf_counter() - t0,
         mode=mode,
         delta_budget=budget,
