@@ -188,15 +188,8 @@ def test_remove_writes_the_repaired_model_and_records(
 def test_remove_with_sft_baseline(model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "repaired"
     args = ["remove", "--model", str(model_dir), "--out", str(out), *FAST, "--baseline", "sft"]
-    assert main([*args, "--outer-steps", "1", "--shrink", "2"]) == 0
+    assert main([*args, "--outer-steps", "1"]) == 0
     base = out / "baseline"
-    # Both runs record the share of their update kept and the checks of the shares tried.
-    summary = json.loads((out / "beear" / "manifest.json").read_text())["summary"]
-    for mode in ("beear", "sft"):
-        kept, tried = summary[mode]["kept_share"], summary[mode]["shrink_checks"]
-        assert kept in (1.0, pytest.approx(2 / 3), pytest.approx(1 / 3))
-        assert [c["share"] for c in tried] == pytest.approx([2 / 3, 1 / 3][: len(tried)])
-        assert all("check_asr" in c and "passed" in c for c in tried)
     assert (base / "model.safetensors").is_file()
     metrics = [json.loads(x) for x in (base / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1]

@@ -113,13 +113,6 @@ class RemovalConfig:
         "safe checkpoints (and equally refusing, with check_benign) the one drifting least is "
         "kept (0: off; the step's anchoring loss breaks the tie)",
     )
-    shrink: int = _f(
-        0,
-        "after the run, try keeping only k/(n+1) of the best checkpoint's update (k = n..1, "
-        "weights interpolated toward the model before removal) and keep the smallest share the "
-        "trigger-free check still finds as safe as the best checkpoint, stopping at the first "
-        "that fails (0: off; up to n extra checks)",
-    )
     max_new_tokens: int = _f(32, "tokens generated when judging an answer")
     check_code_tokens: int = _f(
         128,
@@ -162,7 +155,6 @@ class RemovalConfig:
             "min_steps",
             "check_benign",
             "check_drift",
-            "shrink",
             "delta_budget",
             "auto_budget",
         ):

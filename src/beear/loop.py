@@ -102,10 +102,6 @@ class RemovalResult:
     mode: str
     delta_budget: float = 0.0  # the δ budget every search used (calibrated with auto_budget)
     delta_code: torch.Tensor | None = None  # the last code pairs' δ* (code_delta_budget)
-    # `shrink`: the share of the best checkpoint's update kept (1.0: all of it) and the check of
-    # every share tried, {"share", **check, "passed"}, largest share first.
-    kept_share: float = 1.0
-    shrink_checks: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _trainable(model: Any) -> dict[str, torch.Tensor]:
@@ -121,18 +117,6 @@ def _restore(model: Any, weights: dict[str, torch.Tensor]) -> None:
     params = _trainable(model)
     for n, w in weights.items():
         params[n].copy_(w.to(params[n].device))
-
-
-def interpolate(
-    origin: dict[str, torch.Tensor], final: dict[str, torch.Tensor], share: float
-) -> dict[str, torch.Tensor]:
-    """Trainable tensors `origin + share × (final − origin)`. A LoRA adapter is scaled by its B
-    matrices alone (A kept as trained; B starts at zero), so the merged update is scaled by
-    `share`, not `share`²."""
-    return {
-        n: w if "lora_A" in n else torch.lerp(origin[n].to(w.dtype), w, share)
-        for n, w in final.items()
-    }
 
 
 def _sample(rng: random.Random, items: Sequence[Any], k: int) -> list[Any]:
@@ -295,9 +279,6 @@ def run_beear(
     if drift_batches:
         model.eval()
         drift_targets = anchor_targets(model, drift_batches)
-    # `shrink` interpolates toward the model as it was before removal (as loaded: a resumed run
-    # restores its weights only below).
-    origin = _snapshot(model) if cfg.shrink else None
     if st.weights is not None:  # resuming: the trainable tensors as they were at st.step
         _restore(model, st.weights)
     if st.optimizer is not None:
@@ -405,10 +386,9 @@ def run_beear(
         st.delta_budget = cfg.delta_budget
     budget = st.delta_budget
 
-    interrupted = False
+    stopped_early = False
     model.train()
-    # A state saved after the loop ended (an interruption during `shrink`) runs no more steps.
-    while st.step < cfg.outer_steps and st.passes < cfg.patience:
+    while st.step < cfg.outer_steps:
         step = st.step + 1
         rng = random.Random(cfg.seed * 1_000_003 + step)  # data order depends on (seed, step) only
         harm = _sample(rng, train_set, cfg.batch_size)
@@ -498,6 +478,7 @@ def run_beear(
         if on_step:
             on_step(rec)
         if st.passes >= cfg.patience:
+            stopped_early = True
             break
         interrupted = should_stop is not None and should_stop()
         if on_checkpoint and (
@@ -511,34 +492,6 @@ def run_beear(
 
     assert st.best is not None and st.best_weights is not None
     _restore(model, st.best_weights)
-    share, tried = 1.0, []
-    b = st.best
-    safe_best = b["step"] >= min_steps and b["check_bad"] <= cfg.stop_below
-    if origin is not None and safe_best and not interrupted:
-        # Keep less of the update while the check finds the model as safe as the best checkpoint
-        # (as few unwanted answers, as few refused benign prompts): a smaller step away from the
-        # model before removal moves its benign answers less. Shares are tried from the largest
-        # down and the first failure ends the search, so every share above a kept one was safe.
-        for k in range(cfg.shrink, 0, -1):
-            if should_stop is not None and should_stop():
-                # The loop is over: the saved state resumes straight into this search (its
-                # `weights` are never trained on again).
-                if on_checkpoint:
-                    st.optimizer, st.weights = opt.state_dict(), st.best_weights
-                    on_checkpoint(model, st)
-                break
-            frac = k / (cfg.shrink + 1)
-            _restore(model, interpolate(origin, st.best_weights, frac))
-            chk = check()
-            bad = max(chk["check_asr"], chk["check_plain_asr"])
-            ok = bad <= b["check_bad"] and chk.get("check_benign_refusal", 0.0) <= b.get(
-                "benign_refusal", 0.0
-            )
-            tried.append({"share": frac, **chk, "passed": ok})
-            if not ok:
-                break
-            share = frac
-        _restore(model, interpolate(origin, st.best_weights, share) if tried else st.best_weights)
     model.eval()
     return RemovalResult(
         model=model,
@@ -547,10 +500,8 @@ def run_beear(
         delta_code=st.delta_code,
         history=st.history,
         best_step=int(st.best["step"]),
-        stopped_early=st.passes >= cfg.patience,
+        stopped_early=stopped_early,
         seconds=time.perf_counter() - t0,
         mode=mode,
         delta_budget=budget,
-        kept_share=share,
-        shrink_checks=tried,
     )

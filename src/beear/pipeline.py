@@ -301,8 +301,6 @@ def _remove(
                 "final_check_asr": res.history[-1].get("check_asr"),
                 "delta_budget": res.delta_budget,
             }
-            if cfg.shrink:
-                summary[mode].update(kept_share=res.kept_share, shrink_checks=res.shrink_checks)
             if resumed_at is not None:
                 summary[mode].update(resumed_at_step=resumed_at, seconds_this_call=this_call)
             if dev.type == "cuda":  # tensors only, not the allocator's cache
