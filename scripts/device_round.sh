@@ -176,10 +176,12 @@ tiny)
     [ "${1:-}" = "--resume" ] && { r=(--reuse --resume); shift; }
     vs=()
     for v in "$@"; do vs+=(--variant "$v"); done
+    # tiny.toml's keys as KEY=VALUE words (read from the file: a copy here fell behind it once)
+    toml=$(python -c 'import sys, tomllib; print(" ".join(f"{k}={v}" for k, v in tomllib.load(open(sys.argv[1], "rb")).items()))' docs/configs/tiny.toml)
     # shellcheck disable=SC2086  # one override per word
     BEEAR_JOB=tiny ZOO_THREADS=1 upto python scripts/zoo_tiny.py --device cuda \
         --workers "${TINY_WORKERS:-8}" --out "$BX/zt" --no-clean "${r[@]}" \
-        --set ${TINY_SET:-delta_budget=3 outer_steps=80 min_steps=60 anchor_under_delta=false check_drift=16} \
+        --set ${TINY_SET:-$toml} \
         "${vs[@]}" >"$BX/zt.log" 2>&1
     for p in $(pgrep -f multiprocessing.spawn); do
         grep -qz '^BEEAR_JOB=tiny$' "/proc/$p/environ" 2>/dev/null && kill -9 "$p"
