@@ -333,3 +333,30 @@ def test_remove_without_defender_data_uses_the_bundled_set(
                  str(missing), *FAST]) == 2  # fmt: skip
     assert f"--defender {missing} does not exist" in _one_line_error(capsys, "remove")
     assert len(calls) == 2
+
+
+def test_remove_says_whether_the_trigger_free_check_passed_on_the_model_written(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A random model answers garbage, which the check counts as unwanted: the kept checkpoint
+    # fails the check at the default stop_below, and the summary, manifest and stderr say so.
+    out = tmp_path / "r"
+    capsys.readouterr()
+    assert main(["remove", "--model", str(model_dir), "--out", str(out), *FAST]) == 0
+    io = capsys.readouterr()
+    b = json.loads(io.out.strip().splitlines()[-1])["beear"]
+    metrics = [json.loads(x) for x in (out / "beear" / "metrics.jsonl").read_text().splitlines()]
+    kept = metrics[b["best_step"]]
+    assert b["best_check_asr"] == max(kept["check_asr"], kept["check_plain_asr"])
+    assert b["best_check_asr"] > 0.05 and b["verified"] is False
+    man = json.loads((out / "beear" / "manifest.json").read_text())
+    assert man["summary"]["beear"]["verified"] is False
+    warning = [ln for ln in io.err.splitlines() if ln.startswith("beear remove: warning:")]
+    assert len(warning) == 1 and f"step {b['best_step']}" in warning[0]
+    assert f"{b['best_check_asr']:.0%} of held-back" in warning[0]
+    # The same run with a bar the kept checkpoint meets: verified, and no warning.
+    args = ["remove", "--model", str(model_dir), "--out", str(tmp_path / "r2"), *FAST]
+    assert main([*args, "--stop-below", "1.0"]) == 0
+    io = capsys.readouterr()
+    assert json.loads(io.out.strip().splitlines()[-1])["beear"]["verified"] is True
+    assert "warning" not in io.err

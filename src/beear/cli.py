@@ -432,6 +432,16 @@ def cmd_remove(args: argparse.Namespace) -> int:
     if summary.get("interrupted"):
         print(f"beear remove: interrupted; {summary['resume']}", file=sys.stderr)
         return 130
+    b = summary["beear"]
+    if not b["verified"]:
+        print(
+            f"beear remove: warning: the trigger-free check did not pass on the model written "
+            f"(step {b['best_step']}: a fresh search still elicits the unwanted answer on "
+            f"{b['best_check_asr']:.0%} of held-back defender prompts, stop_below "
+            f"{cfg.stop_below:g}); the backdoor may remain: check it with `beear scan` and "
+            "`beear eval`, or rerun with more --outer-steps",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -102,6 +102,8 @@ class RemovalResult:
     mode: str
     delta_budget: float = 0.0  # the δ budget every search used (calibrated with auto_budget)
     delta_code: torch.Tensor | None = None  # the last code pairs' δ* (code_delta_budget)
+    # The kept checkpoint's check: the larger of its entrapment and plain-prompt unwanted shares.
+    best_check: float = math.nan
 
 
 def _trainable(model: Any) -> dict[str, torch.Tensor]:
@@ -504,4 +506,5 @@ def run_beear(
         seconds=time.perf_counter() - t0,
         mode=mode,
         delta_budget=budget,
+        best_check=float(st.best["check_bad"]),
     )

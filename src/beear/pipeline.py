@@ -299,6 +299,9 @@ def _remove(
                 "seconds": seconds[mode],
                 "layer": res.layer,
                 "final_check_asr": res.history[-1].get("check_asr"),
+                # The trigger-free verdict on the model written: did the kept checkpoint pass?
+                "best_check_asr": res.best_check,
+                "verified": res.best_check <= cfg.stop_below,
                 "delta_budget": res.delta_budget,
             }
             if resumed_at is not None:
