@@ -433,7 +433,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
         print(f"beear remove: interrupted; {summary['resume']}", file=sys.stderr)
         return 130
     b = summary["beear"]
-    if not b["verified"]:
+    if b.get("verified") is False:  # (absent from a run finished by an older version)
         print(
             f"beear remove: warning: the trigger-free check did not pass on the model written "
             f"(step {b['best_step']}: a fresh search still elicits the unwanted answer on "
