@@ -377,7 +377,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 def cmd_remove(args: argparse.Namespace) -> int:
     from beear.config import RemovalConfig, load_config
     from beear.models import check_model_dir
-    from beear.pipeline import remove, resumable, staging_dir
+    from beear.pipeline import check_verdict, remove, resumable, staging_dir
 
     model_dir, out = Path(args.model), Path(args.out)
     check_model_dir(model_dir, allow_pickle=args.allow_pickle)
@@ -432,14 +432,11 @@ def cmd_remove(args: argparse.Namespace) -> int:
     if summary.get("interrupted"):
         print(f"beear remove: interrupted; {summary['resume']}", file=sys.stderr)
         return 130
-    b = summary["beear"]
-    if b.get("verified") is False:  # (absent from a run finished by an older version)
+    if summary["beear"].get("verified") is False:  # (absent from a run finished by older code)
         print(
-            f"beear remove: warning: the trigger-free check did not pass on the model written "
-            f"(step {b['best_step']}: a fresh search still elicits the unwanted answer on "
-            f"{b['best_check_asr']:.0%} of held-back defender prompts, stop_below "
-            f"{cfg.stop_below:g}); the backdoor may remain: check it with `beear scan` and "
-            "`beear eval`, or rerun with more --outer-steps",
+            f"beear remove: warning: {check_verdict(summary['beear'], cfg.stop_below)}; the "
+            "backdoor may remain: check it with `beear scan` and `beear eval`, or rerun with "
+            "more --outer-steps",
             file=sys.stderr,
         )
     return 0
@@ -488,6 +485,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for b in bars.values():
         b.close()
     print(summary_table(res["evals"]))
+    if res.get("verdict"):
+        print(res["verdict"][0].upper() + res["verdict"][1:])
     print(f"report: {res['report'].get('html', '')}")
     print(f"total {res['seconds']['total']:.0f} s")
     return 0

@@ -340,6 +340,20 @@ def _remove(
     return summary
 
 
+def check_verdict(run: dict[str, Any], stop_below: float) -> str | None:
+    """One sentence on whether the checkpoint a removal wrote passed the trigger-free check, from
+    its summary (`remove(...)["beear"]`); None for a summary without the verdict (older runs)."""
+    if "verified" not in run:
+        return None
+    passed = "passed" if run["verified"] else "did not pass"
+    still = "" if run["verified"] else "still "
+    return (
+        f"the trigger-free check {passed} on the model written (step {run['best_step']}: a fresh "
+        f"search {still}turned {run['best_check_asr']:.0%} of held-back defender prompts, "
+        f"stop_below {stop_below:g})"
+    )
+
+
 def _save_checkpoint(directory: Path, model: Any, state: Any) -> None:
     from beear import checkpoint
 
@@ -642,6 +656,9 @@ def demo(
         f"Test-bed model {base}/{setting} (seed {seed}); the trigger was used for evaluation only.",
         "Residual ASR: a fresh trigger-free entrapment search on defender prompts (lower is better).",
     ]
+    verdict = check_verdict(summary["beear"], cfg.stop_below)
+    if verdict:
+        notes.append(verdict[0].upper() + verdict[1:] + ".")
     paths = write_report(
         out / "report",
         title=f"beear demo: {base}/{setting}",
@@ -657,6 +674,7 @@ def demo(
         "seconds": times,
         "report": {k: str(v) for k, v in paths.items()},
         "model": str(model_out),
+        "verdict": verdict,
     }
     (out / "evals.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "manifest.json").write_text(json.dumps(man, indent=2) + "\n")
