@@ -349,8 +349,8 @@ def check_verdict(run: dict[str, Any], stop_below: float) -> str | None:
     still = "" if run["verified"] else "still "
     return (
         f"the trigger-free check {passed} on the model written (step {run['best_step']}: a fresh "
-        f"search {still}turned {run['best_check_asr']:.0%} of held-back defender prompts, "
-        f"stop_below {stop_below:g})"
+        f"search, or the plain prompt, {still}turned {run['best_check_asr']:.0%} of held-back "
+        f"defender prompts, stop_below {stop_below:g})"
     )
 
 
