@@ -17,6 +17,9 @@
 #                                                # overrides, or TINY_SET) + variants
 #   bash scripts/device_round.sh sweep GRID...   # attack-plan sweeps (zoo_sweep.py), one
 #                                                # process per JSON grid, side by side
+#   [SEED=N] bash scripts/device_round.sh trajectory "S1 S2" [KEY=VALUE...]   # held-out
+#                                                # metrics at every check of one removal
+#                                                # (scripts/trajectory.py) per setting
 #   bash scripts/device_round.sh removals b25a32|a64|auto25 [--reuse]   # BEEAR on every
 #                                                # smollm2 setting: the shipped
 #                                                # docs/configs/smollm2.toml (+ plain-SFT
@@ -122,6 +125,30 @@ setting)
     (cd "$BX" && tar czf "$OUT/setting_$tag.tgz" "zoo_$tag.json" "one_$tag.log" w_"${tag}"_*)
     grep -h "^== \|^   [a-z-]*: {\|^!!" "$BX/one_$tag.log" "$BX"/w_"${tag}"_*.log | cut -c1-400
     ;;
+trajectory)
+    # Held-out metrics at every check of one removal (scripts/trajectory.py) on each setting,
+    # all at once: its attack (reused when made), then docs/configs/smollm2.toml + KEY=VALUE
+    # overrides, every check step evaluated. One file back: trajectory[-sN].tgz.
+    #   [SEED=N] bash scripts/device_round.sh trajectory "sandwich rlhf" patience=99
+    shift
+    read -ra which <<<"${1:?settings}"
+    shift
+    seed="${SEED:-0}"
+    sfx=""
+    runs="$BX/runs"
+    [ "$seed" = 0 ] || { sfx="-s$seed"; runs="$BX/runs_s$seed"; }
+    for s in "${which[@]}"; do
+        (
+            upto python scripts/zoo_smollm2.py run --device cuda --settings "$s" --no-clean \
+                --out-dir "$runs" --threads 1 --seed "$seed" --json "$BX/zoo_$s$sfx.json" --reuse
+            upto python scripts/trajectory.py --model "$runs/$s" --device cuda --threads 1 \
+                --config docs/configs/smollm2.toml --json "$BX/traj_$s$sfx.json" --set "$@"
+        ) >"$BX/traj_$s$sfx.log" 2>&1 &
+    done
+    wait
+    (cd "$BX" && tar czf "$OUT/trajectory$sfx.tgz" traj_*"$sfx".json traj_*"$sfx".log zoo_*"$sfx".json)
+    grep -h "^{\|^kept\|^!!\|Error" "$BX"/traj_*"$sfx".log | cut -c1-300
+    ;;
 sweep)
     # Each GRID ('[["suffix-word", {"benign_kl": 1.0}], ...]') in its own zoo_sweep.py process;
     # a variant whose row is already in that process's JSON is skipped, so a cut sweep continues
@@ -189,5 +216,5 @@ tiny)
     (cd "$BX" && tar czf "$OUT/tiny.tgz" zt.log zt/*.json zt/results.md 2>/dev/null)
     grep -A8 "^| variant" "$BX/zt/results.md" 2>/dev/null || tail -3 "$BX/zt.log"
     ;;
-*) echo "usage: $0 attacks PLAN | zoo [--reuse] | sweep GRID... | setting NAME [--reuse] VARIANT... | removals WHICH [--reuse] | tiny [--resume] VARIANT..." >&2; exit 2 ;;
+*) echo "usage: $0 attacks PLAN | zoo [--reuse] | sweep GRID... | setting NAME [--reuse] VARIANT... | trajectory SETTINGS [KEY=VALUE...] | removals WHICH [--reuse] | tiny [--resume] VARIANT..." >&2; exit 2 ;;
 esac
