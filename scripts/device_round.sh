@@ -128,8 +128,8 @@ setting)
 trajectory)
     # Held-out metrics at every check of one removal (scripts/trajectory.py) on each setting,
     # all at once: its attack (reused when made), then docs/configs/smollm2.toml + KEY=VALUE
-    # overrides, every check step evaluated. One file back: trajectory[-sN].tgz.
-    #   [SEED=N] bash scripts/device_round.sh trajectory "sandwich rlhf" patience=99
+    # overrides, every check step evaluated. One file back: trajectory[-sN][-TAG].tgz.
+    #   [SEED=N] [TAG=name] bash scripts/device_round.sh trajectory "sandwich rlhf" patience=99
     shift
     read -ra which <<<"${1:?settings}"
     shift
@@ -137,17 +137,18 @@ trajectory)
     sfx=""
     runs="$BX/runs"
     [ "$seed" = 0 ] || { sfx="-s$seed"; runs="$BX/runs_s$seed"; }
+    t="$sfx${TAG:+-$TAG}"
     for s in "${which[@]}"; do
         (
             upto python scripts/zoo_smollm2.py run --device cuda --settings "$s" --no-clean \
                 --out-dir "$runs" --threads 1 --seed "$seed" --json "$BX/zoo_$s$sfx.json" --reuse
             upto python scripts/trajectory.py --model "$runs/$s" --device cuda --threads 1 \
-                --config docs/configs/smollm2.toml --json "$BX/traj_$s$sfx.json" --set "$@"
-        ) >"$BX/traj_$s$sfx.log" 2>&1 &
+                --config docs/configs/smollm2.toml --json "$BX/traj_$s$t.json" --set "$@"
+        ) >"$BX/traj_$s$t.log" 2>&1 &
     done
     wait
-    (cd "$BX" && tar czf "$OUT/trajectory$sfx.tgz" traj_*"$sfx".json traj_*"$sfx".log zoo_*"$sfx".json)
-    grep -h "^{\|^kept\|^!!\|Error" "$BX"/traj_*"$sfx".log | cut -c1-300
+    (cd "$BX" && tar czf "$OUT/trajectory$t.tgz" traj_*"$t".json traj_*"$t".log zoo_*"$sfx".json)
+    grep -h "^kept\|^!!\|Error" "$BX"/traj_*"$t".log | cut -c1-300
     ;;
 sweep)
     # Each GRID ('[["suffix-word", {"benign_kl": 1.0}], ...]') in its own zoo_sweep.py process;

@@ -132,6 +132,7 @@ def test_type_coercion_of_flag_strings() -> None:
         ({"lr": 0}, "learning rates must be positive"),
         ({"inner_lr": -1.0}, "learning rates must be positive"),
         ({"min_steps": -1}, "min_steps may not be negative"),
+        ({"warmup_steps": -1}, "warmup_steps may not be negative"),
         ({"check_benign": -2}, "check_benign may not be negative"),
         ({"auto_budget": -0.5}, "auto_budget may not be negative"),
         ({"auto_budget": float("nan")}, "auto_budget must be a finite number"),

@@ -129,6 +129,26 @@ def test_kl_anchor_starts_at_zero_and_grows_as_the_model_moves(
         assert first[k] == pytest.approx(ce[k], abs=1e-5)
 
 
+def test_warmup_scales_each_update_by_its_step_over_warmup_steps(
+    make_model: Any, tiny_tok: Any, data: Any
+) -> None:
+    # Adam's first update is proportional to the learning rate (same gradients, same moments),
+    # so with warmup_steps 4 step 1 moves every weight a quarter as far as without warmup.
+    init = _weights(make_model(seed=0))
+    moved = {}
+    for warmup in (0, 4):
+        res = _run(make_model(seed=0), tiny_tok, data,
+                   SMALL.replace(outer_steps=1, warmup_steps=warmup))  # fmt: skip
+        assert res.best_step == 1
+        after = _weights(res.model)
+        moved[warmup] = torch.cat([(after[k] - init[k]).flatten() for k in init])
+        assert ("lr" in res.history[1]) == bool(warmup)
+    assert moved[0].abs().max() > 0
+    torch.testing.assert_close(moved[4], moved[0] / 4, rtol=1e-3, atol=1e-7)
+    res = _run(make_model(seed=0), tiny_tok, data, SMALL.replace(outer_steps=3, warmup_steps=2))
+    assert [r.get("lr") for r in res.history[1:]] == pytest.approx([5e-4, 1e-3, 1e-3])
+
+
 # ---------------------------------------------------------------------------------------------
 # mode="sft": the baseline never searches for δ
 

@@ -71,6 +71,9 @@ class RemovalConfig:
     )
     lr: float = _f(1e-4, "learning rate of the model update (AdamW)")
     weight_decay: float = _f(0.0, "AdamW weight decay for the model update")
+    warmup_steps: int = _f(
+        0, "outer steps over which the model update's learning rate rises linearly to lr (0: off)"
+    )
     batch_size: int = _f(16, "harmful prompts per outer step")
     anchor_batch_size: int = _f(16, "anchoring (benign) pairs per outer step")
     anchor_under_delta: bool = _f(
@@ -152,6 +155,7 @@ class RemovalConfig:
         for name in (
             "checkpoint_every",
             "weight_decay",
+            "warmup_steps",
             "min_steps",
             "check_benign",
             "check_drift",
