@@ -452,8 +452,8 @@ def run_beear(
         st.bad_steps = 0
         if cfg.warmup_steps:  # a function of the step alone: a resumed run sets it the same
             rec["lr"] = cfg.lr * min(1.0, step / cfg.warmup_steps)
-            for g in opt.param_groups:
-                g["lr"] = rec["lr"]
+            for pg in opt.param_groups:
+                pg["lr"] = rec["lr"]
         opt.step()
         rec.update(loss=float(loss.detach()), **parts)
 
