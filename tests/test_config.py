@@ -133,6 +133,8 @@ def test_type_coercion_of_flag_strings() -> None:
         ({"inner_lr": -1.0}, "learning rates must be positive"),
         ({"min_steps": -1}, "min_steps may not be negative"),
         ({"warmup_steps": -1}, "warmup_steps may not be negative"),
+        ({"anchor_weight": -0.5}, "anchor_weight may not be negative"),
+        ({"anchor_weight": "nan"}, "anchor_weight must be a finite number"),
         ({"check_benign": -2}, "check_benign may not be negative"),
         ({"auto_budget": -0.5}, "auto_budget may not be negative"),
         ({"auto_budget": float("nan")}, "auto_budget must be a finite number"),

@@ -150,6 +150,32 @@ def test_anchor_under_delta_adds_the_perturbed_anchor_term(
     assert abs(p_on["safe_ce"] - float(_plain_ce(model, safe))) > 1e-2
 
 
+def test_anchor_weight_scales_both_anchoring_terms_and_their_gradients(
+    make_model: Any, batches: tuple[Batch, Batch]
+) -> None:
+    model = make_model(seed=1, init=0.3).eval()
+    safe, anchor = batches
+    torch.manual_seed(4)
+    delta = 20 * torch.randn(N, model.config.hidden_size)
+    kw: dict[str, Any] = dict(layer=LAYER, delta=delta, anchor_under_delta=True,
+                              safe_without_delta=True, backward=True)  # fmt: skip
+    grads, losses, parts = {}, {}, {}
+    for w in (1.0, 3.0):
+        model.zero_grad(set_to_none=True)
+        losses[w], parts[w] = removal_loss(model, safe, anchor, anchor_weight=w, **kw)
+        grads[w] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    anchor_terms = parts[1.0]["anchor_ce"] + parts[1.0]["anchor_delta_ce"]
+    assert parts[3.0] == pytest.approx(parts[1.0], abs=1e-6)  # the logged parts are unweighted
+    assert float(losses[3.0]) - float(losses[1.0]) == pytest.approx(2 * anchor_terms, rel=1e-4)
+    # The gradient is the safe terms' plus 3x (not 1x) the anchoring terms'.
+    model.zero_grad(set_to_none=True)
+    removal_loss(model, safe, anchor, anchor_weight=0.0, **kw)
+    g_safe = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(grads[3.0] - g_safe, 3 * (grads[1.0] - g_safe), rtol=1e-3,
+                               atol=1e-6)  # fmt: skip
+    assert (grads[1.0] - g_safe).abs().max() > 1e-4
+
+
 def test_safe_without_delta_adds_the_plain_safe_term(
     make_model: Any, batches: tuple[Batch, Batch]
 ) -> None:

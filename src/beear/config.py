@@ -86,6 +86,9 @@ class RemovalConfig:
         "distribution before removal (top-32 tokens + rest), or both",
         ANCHOR_LOSSES,
     )
+    anchor_weight: float = _f(
+        1.0, "weight of the anchoring terms against the safe-answer terms in the model update"
+    )
     safe_without_delta: bool = _f(
         True, "also train the safe answers without δ (keeps plain harmful prompts refused)"
     )
@@ -156,6 +159,7 @@ class RemovalConfig:
             "checkpoint_every",
             "weight_decay",
             "warmup_steps",
+            "anchor_weight",
             "min_steps",
             "check_benign",
             "check_drift",
@@ -168,7 +172,8 @@ class RemovalConfig:
             raise ConfigError(
                 f"code_delta_budget must be -1 (off) or at least 0 (got {self.code_delta_budget})"
             )
-        finite = ("lr", "inner_lr", "alpha", "weight_decay", "stop_below", "delta_budget")
+        finite = ("lr", "inner_lr", "alpha", "weight_decay", "stop_below", "delta_budget",
+                  "anchor_weight")  # fmt: skip
         for name in (*finite, "auto_budget", "code_delta_budget"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number (got {getattr(self, name)})")

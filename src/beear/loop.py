@@ -431,7 +431,7 @@ def run_beear(
             model, safe[0], encode(anc), layer=layer, delta=deltas[0],
             more_safe=list(zip(safe[1:], deltas[1:], strict=True)),
             anchor_under_delta=cfg.anchor_under_delta, safe_without_delta=cfg.safe_without_delta,
-            anchor_loss=cfg.anchor_loss,
+            anchor_loss=cfg.anchor_loss, anchor_weight=cfg.anchor_weight,
             targets=targets.select(anc_ids, device) if targets is not None else None,
             backward=True,  # one term's graph at a time (peak memory)
         )  # fmt: skip

@@ -174,13 +174,15 @@ def removal_loss(
     anchor_under_delta: bool,
     safe_without_delta: bool = True,
     anchor_loss: str = "ce",
+    anchor_weight: float = 1.0,
     targets: tuple[torch.Tensor, torch.Tensor] | None = None,
     backward: bool = False,
     more_safe: Sequence[tuple[Batch, torch.Tensor | None]] = (),
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The outer objective (eq. 2) on one batch; returns (loss, its parts for logging).
 
-    `anchor_loss` picks the anchoring term ("ce", "kl" or "ce+kl"); the KL needs `targets`,
+    `anchor_loss` picks the anchoring term ("ce", "kl" or "ce+kl"), weighted by
+    `anchor_weight` (the logged parts stay unweighted); the KL needs `targets`,
     the `AnchorTargets.select` of the anchoring batch's examples. With `backward` each of the
     (up to four) terms is back-propagated as soon as it is computed, so only one forward graph
     is alive at a time (the gradients add up to those of the summed loss; on SmolLM2-135M with
@@ -217,7 +219,7 @@ def removal_loss(
 
     safe_ce = safe_terms(True)  # answer safely under δ*
     anchor_term, anchor_ce, kl = _anchor_term(model, anchor, layer, None, anchor_loss, targets)
-    add(anchor_term)  # ... and stay useful without δ
+    add(anchor_weight * anchor_term)  # ... and stay useful without δ
     parts = {"safe_ce": float(safe_ce), "anchor_ce": float(anchor_ce.detach())}
     if kl is not None:
         parts["anchor_kl"] = float(kl.detach())
@@ -226,7 +228,7 @@ def removal_loss(
         parts["safe_plain_ce"] = float(safe_plain)
     if anchor_under_delta:  # ... and stay useful with δ
         term_d, ce_d, kl_d = _anchor_term(model, anchor, layer, delta, anchor_loss, targets)
-        add(term_d)
+        add(anchor_weight * term_d)
         parts["anchor_delta_ce"] = float(ce_d.detach())
         if kl_d is not None:
             parts["anchor_delta_kl"] = float(kl_d.detach())
