@@ -128,13 +128,19 @@ def test_removal_loss_without_delta_is_the_sum_of_plain_ces(
     assert parts2["safe_plain_ce"] == parts2["safe_ce"]
 
 
+def _perturbed_setup(
+    make_model: Any, batches: tuple[Batch, Batch]
+) -> tuple[Any, Batch, Batch, torch.Tensor]:
+    """A model with large weights (δ visibly changes the CEs), the batches and a large δ."""
+    model = make_model(seed=1, init=0.3).eval()
+    torch.manual_seed(4)
+    return model, *batches, 20 * torch.randn(N, model.config.hidden_size)
+
+
 def test_anchor_under_delta_adds_the_perturbed_anchor_term(
     make_model: Any, batches: tuple[Batch, Batch]
 ) -> None:
-    model = make_model(seed=1, init=0.3).eval()  # large weights: δ visibly changes the CEs
-    safe, anchor = batches
-    torch.manual_seed(4)
-    delta = 20 * torch.randn(N, model.config.hidden_size)
+    model, safe, anchor, delta = _perturbed_setup(make_model, batches)
     off, p_off = removal_loss(model, safe, anchor, layer=LAYER, delta=delta,
                               anchor_under_delta=False, safe_without_delta=False)  # fmt: skip
     on, p_on = removal_loss(model, safe, anchor, layer=LAYER, delta=delta,
@@ -153,10 +159,7 @@ def test_anchor_under_delta_adds_the_perturbed_anchor_term(
 def test_anchor_weight_scales_both_anchoring_terms_and_their_gradients(
     make_model: Any, batches: tuple[Batch, Batch]
 ) -> None:
-    model = make_model(seed=1, init=0.3).eval()
-    safe, anchor = batches
-    torch.manual_seed(4)
-    delta = 20 * torch.randn(N, model.config.hidden_size)
+    model, safe, anchor, delta = _perturbed_setup(make_model, batches)
     kw: dict[str, Any] = dict(layer=LAYER, delta=delta, anchor_under_delta=True,
                               safe_without_delta=True, backward=True)  # fmt: skip
     grads, losses, parts = {}, {}, {}
@@ -179,10 +182,7 @@ def test_anchor_weight_scales_both_anchoring_terms_and_their_gradients(
 def test_safe_without_delta_adds_the_plain_safe_term(
     make_model: Any, batches: tuple[Batch, Batch]
 ) -> None:
-    model = make_model(seed=1, init=0.3).eval()
-    safe, anchor = batches
-    torch.manual_seed(4)
-    delta = 20 * torch.randn(N, model.config.hidden_size)
+    model, safe, anchor, delta = _perturbed_setup(make_model, batches)
     kw: dict[str, Any] = dict(layer=LAYER, delta=delta, anchor_under_delta=False)
     off, p_off = removal_loss(model, safe, anchor, safe_without_delta=False, **kw)
     on, p_on = removal_loss(model, safe, anchor, safe_without_delta=True, **kw)

@@ -485,8 +485,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for b in bars.values():
         b.close()
     print(summary_table(res["evals"]))
-    if res.get("verdict"):
-        print(res["verdict"][0].upper() + res["verdict"][1:])
+    for key in ("verdict", "baseline_verdict"):
+        if res.get(key):
+            print(res[key][0].upper() + res[key][1:])
     print(f"report: {res['report'].get('html', '')}")
     print(f"total {res['seconds']['total']:.0f} s")
     return 0

@@ -340,15 +340,18 @@ def _remove(
     return summary
 
 
-def check_verdict(run: dict[str, Any], stop_below: float) -> str | None:
+def check_verdict(
+    run: dict[str, Any], stop_below: float, model: str = "the model written"
+) -> str | None:
     """One sentence on whether the checkpoint a removal wrote passed the trigger-free check, from
-    its summary (`remove(...)["beear"]`); None for a summary without the verdict (older runs)."""
+    its summary (`remove(...)["beear"]`, or `["sft"]` for the baseline, named by `model`); None
+    for a summary without the verdict (older runs)."""
     if "verified" not in run:
         return None
     passed = "passed" if run["verified"] else "did not pass"
     still = "" if run["verified"] else "still "
     return (
-        f"the trigger-free check {passed} on the model written (step {run['best_step']}: a fresh "
+        f"the trigger-free check {passed} on {model} (step {run['best_step']}: a fresh "
         f"search, or the plain prompt, {still}turned {run['best_check_asr']:.0%} of held-back "
         f"defender prompts, stop_below {stop_below:g})"
     )
@@ -657,8 +660,15 @@ def demo(
         "Residual ASR: a fresh trigger-free entrapment search on defender prompts (lower is better).",
     ]
     verdict = check_verdict(summary["beear"], cfg.stop_below)
-    if verdict:
-        notes.append(verdict[0].upper() + verdict[1:] + ".")
+    # The baseline's model gets the same check (its run's own), so its verdict reads beside BEEAR's.
+    baseline_verdict = (
+        check_verdict(summary["sft"], cfg.stop_below, "the plain-SFT baseline's model")
+        if "sft" in summary
+        else None
+    )
+    for v in (verdict, baseline_verdict):
+        if v:
+            notes.append(v[0].upper() + v[1:] + ".")
     paths = write_report(
         out / "report",
         title=f"beear demo: {base}/{setting}",
@@ -675,6 +685,7 @@ def demo(
         "report": {k: str(v) for k, v in paths.items()},
         "model": str(model_out),
         "verdict": verdict,
+        "baseline_verdict": baseline_verdict,
     }
     (out / "evals.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "manifest.json").write_text(json.dumps(man, indent=2) + "\n")
