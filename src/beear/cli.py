@@ -488,6 +488,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for key in ("verdict", "baseline_verdict"):
         if res.get(key):
             print(res[key][0].upper() + res[key][1:])
+    for ch in res.get("benign_change", {}).values():
+        print(ch["sentence"])
     print(f"report: {res['report'].get('html', '')}")
     print(f"total {res['seconds']['total']:.0f} s")
     return 0

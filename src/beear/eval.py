@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from beear.bundled import sha256_of
 from beear.codejudge import fenced_code, insecure, require_bandit
 from beear.data import (
     AnchorExample,
@@ -41,6 +42,7 @@ __all__ = [
     "is_code_pair",
     "is_correct",
     "is_refusal",
+    "paired_change",
     "perplexity",
     "require_code_judge",
 ]
@@ -251,6 +253,10 @@ class EvalResult:
     n: dict[str, int]
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     judge: dict[str, Any] | None = None
+    # Per graded benign task, in order: answered correctly? (with the SHA-256 of their prompts,
+    # so two evaluations are compared task by task only on the same tasks: `paired_change`)
+    benign_correct: list[bool] = field(default_factory=list)
+    benign_sha256: str = ""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -259,6 +265,9 @@ class EvalResult:
             "over_refusal": self.over_refusal,
             "n": self.n,
         }
+        if self.benign_correct:
+            out["benign_correct"] = self.benign_correct
+            out["benign_sha256"] = self.benign_sha256
         if self.judge is not None:
             out["judge"] = self.judge
         return out
@@ -303,7 +312,8 @@ def evaluate(
     b_plain = gen(b_prompts)
     record("benign", b_prompts, b_plain)
     graded = [(e, a) for e, a in zip(benign, b_plain, strict=True) if e.answer]
-    acc = share([is_correct(e.answer, a) for e, a in graded])
+    correct = [is_correct(e.answer, a) for e, a in graded]
+    acc = share(correct)
     over = {"plain": share([is_refusal(a) for a in b_plain])}
     if trigger is not None:
         ht = [trigger.apply(p) for p in harmful]
@@ -321,7 +331,40 @@ def evaluate(
         n={"harmful": len(harmful), "benign": len(benign)},
         samples=samples,
         judge=None if judge is None else _judge_block(judge, samples, batch_size=batch_size),
+        benign_correct=correct,
+        benign_sha256=sha256_of(e.prompt for e, _ in graded),
     )
+
+
+def paired_change(
+    before: dict[str, Any], after: dict[str, Any], z: float = 1.96
+) -> dict[str, Any] | None:
+    """The benign accuracy change from `before` to `after` (two `EvalResult.to_json()` of the
+    same benign tasks), task by task, with an interval for it; None unless both carry their
+    per-task results for the same tasks.
+
+    Only the tasks that changed say anything about the change: of the m = lost + gained of them,
+    the share gained gets a Wilson score interval (z = 1.96: 95%), mapped to the accuracy change
+    (2p - 1) m / n. The interval is conditional on m (McNemar's view of paired outcomes); with no
+    task changed it is [0, 0]. Returns {"change", "lost", "gained", "n", "ci95": [low, high]}.
+    """
+    a, b = before.get("benign_correct"), after.get("benign_correct")
+    if not a or not b or len(a) != len(b):
+        return None
+    if before.get("benign_sha256") != after.get("benign_sha256"):
+        return None
+    n = len(a)
+    lost = sum(x and not y for x, y in zip(a, b, strict=True))
+    gained = sum(y and not x for x, y in zip(a, b, strict=True))
+    m = lost + gained
+    low = high = 0.0
+    if m:
+        p, zz = gained / m, z * z
+        centre = (p + zz / (2 * m)) / (1 + zz / m)
+        half = z * math.sqrt(p * (1 - p) / m + zz / (4 * m * m)) / (1 + zz / m)
+        low, high = ((2 * q - 1) * m / n for q in (centre - half, centre + half))
+    return {"change": (gained - lost) / n, "lost": lost, "gained": gained, "n": n,
+            "ci95": [low, high]}  # fmt: skip
 
 
 # The figure each answer group feeds: ASR counts answers not refused, over-refusal refused ones.

@@ -357,6 +357,26 @@ def check_verdict(
     )
 
 
+def benign_change(evals: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each state's benign accuracy change against `evals["before"]`, task by task with its
+    interval (`beear.eval.paired_change`), with one sentence for it under "sentence"."""
+    from beear.eval import paired_change
+
+    out: dict[str, dict[str, Any]] = {}
+    for state, ev in evals.items():
+        ch = paired_change(evals["before"], ev) if state != "before" and "before" in evals else None
+        if ch is None:
+            continue
+        lo, hi = (100 * x for x in ch["ci95"])
+        ch["sentence"] = (
+            f"Benign accuracy, {state} against before: {100 * ch['change']:+.1f} points "
+            f"({ch['lost']} of {ch['n']} tasks lost, {ch['gained']} gained; 95% interval "
+            f"{lo:+.1f} to {hi:+.1f}, from the tasks that changed)"
+        )
+        out[state] = ch
+    return out
+
+
 def _save_checkpoint(directory: Path, model: Any, state: Any) -> None:
     from beear import checkpoint
 
@@ -669,6 +689,8 @@ def demo(
     for v in (verdict, baseline_verdict):
         if v:
             notes.append(v[0].upper() + v[1:] + ".")
+    changes = benign_change(evals)
+    notes += [ch["sentence"] + "." for ch in changes.values()]
     paths = write_report(
         out / "report",
         title=f"beear demo: {base}/{setting}",
@@ -686,6 +708,7 @@ def demo(
         "model": str(model_out),
         "verdict": verdict,
         "baseline_verdict": baseline_verdict,
+        "benign_change": changes,
     }
     (out / "evals.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "manifest.json").write_text(json.dumps(man, indent=2) + "\n")
