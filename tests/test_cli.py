@@ -112,6 +112,46 @@ def test_eval_writes_the_contract_json(
     assert out["benign_accuracy"] == sum(acc) / len(acc)
 
 
+def test_eval_against_an_earlier_evaluation(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before, after = tmp_path / "before.json", tmp_path / "after.json"
+    assert main(["eval", "--model", str(model_dir), "--json", str(before)]) == 0
+    prev = json.loads(before.read_text())
+    assert len(prev["benign_correct"]) == 3  # the three graded held-out tasks
+    # Against a record with its first two tasks' results flipped, the same model has changed
+    # exactly those two (lost or gained, whatever the random model answered).
+    flipped = [not x for x in prev["benign_correct"][:2]] + prev["benign_correct"][2:]
+    before.write_text(json.dumps({**prev, "benign_correct": flipped}))
+    capsys.readouterr()
+    argv = ["eval", "--model", str(model_dir), "--json", str(after), "--against", str(before)]
+    assert main(argv) == 0
+    out = json.loads(after.read_text())
+    ch = out["against"]
+    assert (ch["n"], ch["lost"] + ch["gained"]) == (3, 2)
+    assert ch["change"] == pytest.approx((ch["gained"] - ch["lost"]) / 3)
+    assert ch["ci95"][0] <= ch["change"] < ch["ci95"][1]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2] == ch["sentence"] and f"--against {before}" in ch["sentence"]
+    assert json.loads(lines[-1])["benign_accuracy"] == out["benign_accuracy"]
+
+    # Other tasks, no per-task results, no file: one line, exit 2, nothing written.
+    other = tmp_path / "b.jsonl"
+    other.write_text('{"prompt": "What color is snow?", "answer": "white"}\n')
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({k: v for k, v in prev.items() if k != "benign_correct"}))
+    for extra, message in (
+        (["--benign", str(other)], "graded other benign tasks"),
+        (["--against", str(old)], "has no per-task benign results"),
+        (["--against", str(tmp_path / "nope.json")], "does not exist"),
+    ):
+        j = tmp_path / "x.json"
+        args = ["eval", "--model", str(model_dir), "--json", str(j), "--against", str(before)]
+        assert main([*args, *extra]) == 2
+        assert message in _one_line_error(capsys, "eval")
+        assert not j.exists()
+
+
 def _eval_prompts(model_dir: Path) -> list[str]:
     lines = (model_dir / DATA_DIR / "eval_harmful.jsonl").read_text().splitlines()
     return [json.loads(x)["prompt"] for x in lines]

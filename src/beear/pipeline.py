@@ -367,14 +367,19 @@ def benign_change(evals: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
         ch = paired_change(evals["before"], ev) if state != "before" and "before" in evals else None
         if ch is None:
             continue
-        lo, hi = (100 * x for x in ch["ci95"])
-        ch["sentence"] = (
-            f"Benign accuracy, {state} against before: {100 * ch['change']:+.1f} points "
-            f"({ch['lost']} of {ch['n']} tasks lost, {ch['gained']} gained; 95% interval "
-            f"{lo:+.1f} to {hi:+.1f}, from the tasks that changed)"
-        )
+        ch["sentence"] = change_sentence(ch, state, "before")
         out[state] = ch
     return out
+
+
+def change_sentence(ch: dict[str, Any], state: str, reference: str) -> str:
+    """`beear.eval.paired_change`'s result as one sentence: `state` against `reference`."""
+    lo, hi = (100 * x for x in ch["ci95"])
+    return (
+        f"Benign accuracy, {state} against {reference}: {100 * ch['change']:+.1f} points "
+        f"({ch['lost']} of {ch['n']} tasks lost, {ch['gained']} gained; 95% interval "
+        f"{lo:+.1f} to {hi:+.1f}, from the tasks that changed)"
+    )
 
 
 def _save_checkpoint(directory: Path, model: Any, state: Any) -> None:
