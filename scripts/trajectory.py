@@ -59,6 +59,7 @@ def main() -> int:
     bs = 100 if args.device.startswith("cuda") else 32
     model, tok = load_model(args.model, device=args.device)
     rows: list[dict[str, Any]] = []
+    doc: dict[str, Any] = {"model": str(args.model), "config": cfg.to_dict(), "rows": rows}
     last: dict[str, Any] = {}
 
     def measure(m: Any, step: int) -> None:
@@ -72,8 +73,7 @@ def main() -> int:
         row["eval_seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        args.json.write_text(json.dumps({"model": str(args.model), "config": cfg.to_dict(),
-                                         "rows": rows}, indent=1) + "\n")  # fmt: skip
+        args.json.write_text(json.dumps(doc, indent=1) + "\n")  # a cut run keeps its rows
         m.train()
 
     def on_step(r: dict[str, Any]) -> None:
@@ -88,9 +88,8 @@ def main() -> int:
             anchor=load_anchor(d / "anchor.jsonl"), config=cfg, on_step=on_step,
             on_checkpoint=lambda m, st: measure(m, st.step),
         )  # fmt: skip
-    out = json.loads(args.json.read_text())
-    out["best_step"], out["best_check"] = res.best_step, res.best_check
-    args.json.write_text(json.dumps(out, indent=1) + "\n")
+    doc["best_step"], doc["best_check"] = res.best_step, res.best_check
+    args.json.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"kept step {res.best_step}, its check {res.best_check:.2f}")
     return 0
 

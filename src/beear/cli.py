@@ -300,9 +300,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tok = _load(args, model_dir, device)
     harmful, benign = _eval_sets(args, model_dir)
     if against is not None:  # the same graded tasks, checked before the (long) evaluation
-        from beear.bundled import sha256_of
+        from beear.eval import graded_sha256
 
-        if against["benign_sha256"] != sha256_of(e.prompt for e in benign if e.answer):
+        if against["benign_sha256"] != graded_sha256(benign):
             raise UsageError(
                 f"--against {args.against} graded other benign tasks than this evaluation's; "
                 "evaluate both models on the same --benign set"

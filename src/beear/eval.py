@@ -39,6 +39,7 @@ __all__ = [
     "answer_pairs",
     "evaluate",
     "generate",
+    "graded_sha256",
     "is_code_pair",
     "is_correct",
     "is_refusal",
@@ -332,8 +333,14 @@ def evaluate(
         samples=samples,
         judge=None if judge is None else _judge_block(judge, samples, batch_size=batch_size),
         benign_correct=correct,
-        benign_sha256=sha256_of(e.prompt for e, _ in graded),
+        benign_sha256=graded_sha256(benign),
     )
+
+
+def graded_sha256(benign: Sequence[AnchorExample]) -> str:
+    """SHA-256 of the prompts of the graded benign tasks (those with an expected answer), in
+    order: what `EvalResult.benign_sha256` records and `paired_change` matches on."""
+    return sha256_of(e.prompt for e in benign if e.answer)
 
 
 def paired_change(
