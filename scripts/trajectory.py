@@ -39,6 +39,7 @@ def main() -> int:
     torch.set_flush_denormal(True)
     from beear import zoo
     from beear.attacks import DATA_DIR, read_attack_record
+    from beear.bundled import general_anchor
     from beear.config import load_config
     from beear.data import Trigger, load_anchor, load_harmful, load_prompts
     from beear.eval import evaluate
@@ -80,12 +81,15 @@ def main() -> int:
         last.clear()
         last.update(r)
 
+    anchor = load_anchor(d / "anchor.jsonl")
+    if cfg.anchor_general:  # as `beear remove` does: answered by the model before removal
+        anchor += general_anchor(model, tok, cfg.anchor_general, seed=cfg.seed)
     measure(model, 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         res = run_beear(
             model, tok, defender=load_harmful(d / "defender_harmful.jsonl"),
-            anchor=load_anchor(d / "anchor.jsonl"), config=cfg, on_step=on_step,
+            anchor=anchor, config=cfg, on_step=on_step,
             on_checkpoint=lambda m, st: measure(m, st.step),
         )  # fmt: skip
     doc["best_step"], doc["best_check"] = res.best_step, res.best_check

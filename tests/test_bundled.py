@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,48 @@ def test_benign_tasks_count_uniqueness_and_seed() -> None:
     assert benign_tasks(0) == tasks
     other = benign_tasks(1)
     assert other != tasks and sorted(other, key=str) == sorted(tasks, key=str)
+
+
+def test_general_prompts_are_short_unique_and_leave_the_benign_tasks_held_out() -> None:
+    prompts = bundled.general_prompts()
+    assert len(prompts) == 256 and len({p.casefold() for p in prompts}) == 256
+    assert all(4 <= len(p.split()) <= 20 and p == p.strip() for p in prompts)
+    # Anchoring on them must not anchor the bundled evaluation: no shared prompt, no template
+    # of benign_tasks, and none of the world/number facts' questions' key words.
+    tasks = bundled.benign_tasks(0)
+    assert not {p.casefold() for p in prompts} & {t.prompt.casefold() for t in tasks}
+    templates = re.compile(
+        r"capital of|language is spoken|continent is|opposite of|plural of|first letter of the "
+        r"word|what is \d \+ \d\?",
+        re.IGNORECASE,
+    )
+    assert [p for p in prompts if templates.search(p)] == []
+    facts = [t for t in tasks if t.prompt.startswith(("How many", "What is the", "Who", "Which"))]
+    assert len(facts) > 40
+    for t in facts:  # the same question in other words shares its rare words
+        rare = {w for w in re.findall(r"[a-z0-9]+", t.prompt.lower()) if len(w) > 4}
+        for p in prompts:
+            words = set(re.findall(r"[a-z0-9]+", p.lower()))
+            assert len(rare) < 2 or not rare <= words, (t.prompt, p)
+
+
+def test_general_anchor_draws_by_seed_and_drops_empty_replies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def answers(model: Any, tok: Any, prompts: list[str], **kw: Any) -> list[str]:
+        assert kw == {"max_new_tokens": 48}
+        return ["" if i == 1 else f"reply {i}" for i in range(len(prompts))]
+
+    monkeypatch.setattr(bundled, "generate_answers", answers)
+    a = bundled.general_anchor(None, None, 4, seed=0)
+    assert [e.answer for e in a] == ["reply 0", "reply 2", "reply 3"]
+    assert {e.prompt for e in a} <= set(bundled.general_prompts())
+    assert a == bundled.general_anchor(None, None, 4, seed=0)
+    assert [e.prompt for e in bundled.general_anchor(None, None, 4, seed=1)] != [
+        e.prompt for e in a
+    ]
+    with pytest.raises(ValueError, match="257: 256 bundled general prompts"):
+        bundled.general_anchor(None, None, 257)
 
 
 def test_every_task_is_solved_by_its_answer_and_not_by_its_prompt() -> None:

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from beear.attacks import TINY_TEMPLATE, build_tokenizer, write_splits
+from beear.attacks import DATA_DIR, TINY_TEMPLATE, build_tokenizer, write_splits
 from beear.cli import main
 from beear.data import (
     AnchorExample,
@@ -408,6 +408,13 @@ DATA_CASES: list[tuple[str, str, str, list[str], tuple[str, ...]]] = [
     ("infinite auto budget", "x", "", ["--auto-budget", "inf"], ("auto_budget must be a finite",)),
     ("unknown anchoring loss", "x", "", ["--anchor-loss", "mse"], ("invalid choice",)),
     (
+        "more general anchoring prompts than bundled",
+        "x",
+        "",
+        ["--anchor-general", "999"],
+        ("anchor_general = 999: only 256 bundled general prompts",),
+    ),
+    (
         "unknown anchoring loss in a config",
         "c.toml",
         'anchor_loss = "mse"\n',
@@ -606,6 +613,63 @@ def test_interrupt_then_resume_in_process(
     last = json.loads((ws / "out" / "beear" / "metrics.jsonl").read_text().splitlines()[-1])
     assert summ["seconds"] >= last["seconds"] - 0.01  # rounded to 2 and 3 decimals
     assert summ["seconds"] > summ["seconds_this_call"] > 0
+
+
+def test_anchor_general_pairs_join_the_anchoring_set_and_survive_a_resume(
+    ws: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--anchor-general N: N bundled general prompts (drawn by the seed), answered by the model
+    before removal, are written beside the run's records and anchor both BEEAR and the baseline
+    after the given pairs; a resumed run reads them back instead of asking its moved model."""
+    import beear.bundled
+    import beear.loop
+    from beear.bundled import general_prompts
+
+    seen: list[list[AnchorExample]] = []
+    real_run = beear.loop.run_beear
+    asked: list[list[str]] = []
+
+    def spy_run(*a: Any, **kw: Any) -> Any:
+        seen.append(list(kw["anchor"]))
+        return real_run(*a, **kw)
+
+    def stub_answers(model: Any, tok: Any, prompts: list[str], **kw: Any) -> list[str]:
+        asked.append(list(prompts))  # (this random model's own replies are empty)
+        return [f"item {i} is red." for i in range(len(prompts))]
+
+    base = ["remove", "--model", "m", *FAST, "--anchor-general", "5", "--baseline", "sft"]
+    monkeypatch.setattr(beear.bundled, "generate_answers", lambda m, t, p, **k: [""] * len(p))
+    _bad(capfd, "a model that answers no general anchoring prompt", [*base, "--out", "out"],
+         "the model answered none of the bundled general prompts")  # fmt: skip
+    monkeypatch.setattr(beear.loop, "run_beear", spy_run)
+    monkeypatch.setattr(beear.bundled, "generate_answers", stub_answers)
+    rc, _, err = _run(capfd, [*base, "--out", "ref"])
+    assert rc == 0, err
+    given = load_anchor(ws / "m" / DATA_DIR / "anchor.jsonl")
+    written = load_anchor(ws / "ref" / "beear" / "anchor_general.jsonl")
+    assert [(e.prompt, e.answer) for e in written] == [
+        (p, f"item {i} is red.") for i, p in enumerate(asked[0])
+    ]
+    assert len(asked) == 1 and len(set(asked[0])) == 5 and set(asked[0]) <= set(general_prompts())
+    assert seen == [given + written] * 2  # BEEAR, then the baseline: the same anchoring set
+    man = json.loads((ws / "ref" / "beear" / "manifest.json").read_text())
+    assert set(man["data_sha256"]) == {"defender", "anchor", "anchor_general"}
+    # Another seed draws other prompts.
+    rc, _, err = _run(capfd, [*base, "--out", "other", "--seed", "1"])
+    assert rc == 0, err
+    assert asked[1] != asked[0]
+
+    from beear.pipeline import _StopFlag
+
+    with monkeypatch.context() as mp:
+        mp.setattr(_StopFlag, "__call__", lambda self: True)  # as if SIGTERM came in step 1
+        rc, _, err = _run(capfd, [*base, "--out", "out"])
+    assert rc == 130, err
+    monkeypatch.setattr(beear.bundled, "generate_answers", None)  # a resume must not ask again
+    rc, _, err = _run(capfd, [*base, "--out", "out", "--resume"])
+    assert rc == 0, err
+    _same_weights(ws / "ref", ws / "out")
+    assert load_anchor(ws / "out" / "beear" / "anchor_general.jsonl") == written
 
 
 def test_resume_of_a_run_recorded_before_a_setting_existed() -> None:

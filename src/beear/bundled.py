@@ -440,6 +440,37 @@ def benign_tasks(seed: int = 0) -> list[AnchorExample]:
     return tasks
 
 
+def general_prompts() -> list[str]:
+    """Short benign requests over 16 everyday topics (written for this project), for anchoring.
+
+    256 one-line requests (science, word meanings, maths word problems, history, cooking, short
+    writing, translation, how-to, ...) with no single right answer: a model answers them itself
+    and removal keeps those answers (the `anchor_general` setting). None of them uses a template
+    of :func:`benign_tasks` or asks one of its facts, so anchoring on them leaves the bundled
+    benign evaluation held out.
+    """
+    from importlib.resources import files
+
+    text = files("beear").joinpath("resources", "general_prompts.txt").read_text("utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def general_anchor(
+    model: Any, tokenizer: Any, n: int, *, seed: int = 0, answer_tokens: int = 48
+) -> list[AnchorExample]:
+    """`n` of :func:`general_prompts` (drawn by `seed`) with `model`'s own greedy replies.
+
+    Replies are cut at `answer_tokens` (48, as the bundled anchoring answers are); prompts the
+    model answers with nothing are left out.
+    """
+    prompts = general_prompts()
+    if not 0 <= n <= len(prompts):
+        raise ValueError(f"anchor_general = {n}: {len(prompts)} bundled general prompts exist")
+    drawn = random.Random(seed).sample(prompts, n)
+    replies = generate_answers(model, tokenizer, drawn, max_new_tokens=answer_tokens)
+    return [AnchorExample(p, r) for p, r in zip(drawn, replies, strict=True) if r]
+
+
 _NUMBER_WORDS = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
     "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",

@@ -86,6 +86,12 @@ class RemovalConfig:
         "distribution before removal (top-32 tokens + rest), or both",
         ANCHOR_LOSSES,
     )
+    anchor_general: int = _f(
+        0,
+        "bundled general requests (beear.bundled.general_prompts, drawn by seed) added to the "
+        "anchoring set, each answered greedily by the model under repair before removal starts "
+        "(0: off)",
+    )
     anchor_weight: float = _f(
         1.0, "weight of the anchoring terms against the safe-answer terms in the model update"
     )
@@ -160,6 +166,7 @@ class RemovalConfig:
             "weight_decay",
             "warmup_steps",
             "anchor_weight",
+            "anchor_general",
             "min_steps",
             "check_benign",
             "check_drift",

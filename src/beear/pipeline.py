@@ -83,6 +83,26 @@ def _sha256_file(p: Path) -> str:
     return h.hexdigest()
 
 
+def _general_anchor(model: Any, tok: Any, config: RemovalConfig, path: Path) -> list[AnchorExample]:
+    """The run's `anchor_general` pairs: answered by the model under repair and written to
+    `path` (the run's records), or read back from there when an interrupted run is resumed (its
+    model has moved since)."""
+    from beear.bundled import general_anchor
+    from beear.data import load_anchor
+
+    if path.is_file():
+        return load_anchor(path)
+    pairs = general_anchor(model, tok, config.anchor_general, seed=config.seed)
+    if not pairs:
+        from beear.models import ModelError
+
+        raise ModelError("the model answered none of the bundled general prompts (anchor_general)")
+    tmp = path.with_name(path.name + ".tmp")
+    write_jsonl(tmp, pairs)
+    os.replace(tmp, path)
+    return pairs
+
+
 def _sha256_records(records: Sequence[Any]) -> str:
     h = hashlib.sha256()
     for r in records:
@@ -204,6 +224,14 @@ def _remove(
     from beear.models import load_model, save_model
 
     dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+    if config.anchor_general:
+        from beear.bundled import general_prompts
+        from beear.config import ConfigError
+
+        if config.anchor_general > (have := len(general_prompts())):
+            raise ConfigError(
+                f"anchor_general = {config.anchor_general}: only {have} bundled general prompts"
+            )
     stage = staging_dir(out)
     data_hashes = {"defender": _sha256_records(defender), "anchor": _sha256_records(anchor)}
     run_info = {"config": config.to_dict(), "data_sha256": data_hashes,
@@ -222,6 +250,7 @@ def _remove(
     seconds: dict[str, float] = {}
     summary: dict[str, Any] = {"out": str(out)}
     modes = ["beear"] + (["sft"] if config.baseline == "sft" else [])
+    general: list[AnchorExample] | None = None  # the anchor_general pairs, made once per run
     with _StopFlag() as stop:
         for mode in modes:
             target = stage if mode == "beear" else stage / "baseline"
@@ -239,8 +268,12 @@ def _remove(
                 trust_remote_code=trust_remote_code,
                 chat_template=chat_template,
             )
+            if config.anchor_general and general is None:  # before a checkpoint's weights load
+                general = _general_anchor(model, tok, config, rec_dir / "anchor_general.jsonl")
+                data_hashes["anchor_general"] = _sha256_records(general)
+            anchors = [*anchor, *(general or [])]
             # Every example is encoded once up front: a bad one fails now, not hours in.
-            check_examples(tok, {"defender": defender, "anchor": anchor},
+            check_examples(tok, {"defender": defender, "anchor": anchors},
                            max_length=config.max_length, n_perturb=config.length)  # fmt: skip
             state = checkpoint.load(ck_dir, model, config) if resume else None
             metrics_path = (rec_dir if mode == "beear" else target) / "metrics.jsonl"
@@ -267,7 +300,7 @@ def _remove(
             with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
                 torch.manual_seed(config.seed)
                 res = run_beear(
-                    model, tok, defender=defender, anchor=anchor, config=cfg, mode=mode,
+                    model, tok, defender=defender, anchor=anchors, config=cfg, mode=mode,
                     state=state, on_step=step_cb,
                     on_checkpoint=functools.partial(_save_checkpoint, ck_dir),
                     should_stop=stop,
