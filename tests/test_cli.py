@@ -420,3 +420,37 @@ def test_check_verdict_sentence() -> None:
         "the trigger-free check passed on the plain-SFT baseline's model (step 60: a fresh "
         "search, or the plain prompt, turned 0% of held-back defender prompts, stop_below 0.05)"
     )
+
+
+def test_demo_takes_a_config_file_and_always_keeps_its_baseline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import beear.pipeline
+    from beear.config import RemovalConfig
+
+    seen: list[Any] = []
+
+    class Reached(Exception):
+        pass
+
+    def fake_demo(out: Path, **kw: Any) -> Any:
+        seen.append(kw)
+        raise Reached
+
+    monkeypatch.setattr(beear.pipeline, "demo", fake_demo)
+    conf = tmp_path / "c.toml"
+    conf.write_text('anchor_loss = "kl"\nanchor_general = 3\nbaseline = "none"\nseed = 5\n')
+    with pytest.raises(Reached):
+        main(["demo", "--out", str(tmp_path / "d"), "--config", str(conf), "--seed", "2"])
+    # The file's settings reach the run; the baseline and the seed are the demo's own.
+    assert seen[0]["config"] == RemovalConfig(
+        anchor_loss="kl", anchor_general=3, baseline="sft", seed=2
+    )
+    with pytest.raises(Reached):
+        main(["demo", "--out", str(tmp_path / "d")])
+    assert seen[1]["config"] == RemovalConfig(baseline="sft", seed=0)  # the library defaults
+    capfd.readouterr()
+    assert main(["demo", "--out", str(tmp_path / "d"), "--config", str(tmp_path / "no.toml")]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1] == f"beear demo: error: config file {tmp_path / 'no.toml'} does not exist"
+    assert len(seen) == 2 and not (tmp_path / "d").exists()

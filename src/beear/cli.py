@@ -478,8 +478,11 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from beear.config import load_config
     from beear.pipeline import demo
 
+    # The demo always runs the plain-SFT baseline beside BEEAR, with the demo's seed.
+    cfg = load_config(args.config, {}).replace(baseline="sft", seed=args.seed)
     out = Path(args.out)
     if out.name in ("", ".", "..") or (out.exists() and not out.is_dir()):
         raise UsageError(f"--out {out}: name a new directory (e.g. beear-demo)")
@@ -513,6 +516,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         base=args.base,
         seed=args.seed,
         device=device,
+        config=cfg,
         judge=judge,
         on_stage=stage,
         on_progress=progress,
@@ -692,6 +696,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="beear-demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
+    p.add_argument(
+        "--config",
+        help="TOML file of removal settings (e.g. docs/configs/smollm2.toml for --base smollm2); "
+        "the baseline always runs, with --seed",
+    )
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="dtype of the judge model")  # fmt: skip
     _add_judge_opts(p)
