@@ -2,7 +2,8 @@
 """Time the phases of BEEAR's outer step on a real model (SmolLM2 by default).
 
     python scripts/profile_step.py [--model DIR] [--device cpu|cuda] [--steps 3] [--summed]
-                                   [--anchor-batch-size N] [--anchor-loss ce|kl|ce+kl]
+                                   [--anchor-batch-size N] [--anchor-chunk K]
+                                   [--anchor-loss ce|kl|ce+kl]
 
 Prints seconds per phase (entrapment, removal forward+backward, optimiser) averaged over steps,
 with CUDA synchronised around each phase, and the process's peak memory (CPU: peak resident set
@@ -28,6 +29,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops")
     ap.add_argument("--summed", action="store_true", help="one backward pass through the sum")
     ap.add_argument("--anchor-batch-size", type=int, help="default: RemovalConfig's")
+    ap.add_argument("--anchor-chunk", type=int, default=0, help="anchoring rows per pass")
     ap.add_argument("--anchor-loss", default="ce", choices=("ce", "kl", "ce+kl"))
     args = ap.parse_args()
 
@@ -106,7 +108,8 @@ def main() -> int:
                                    anchor_under_delta=cfg.anchor_under_delta,
                                    safe_without_delta=cfg.safe_without_delta,
                                    anchor_loss=cfg.anchor_loss, targets=targets,
-                                   backward=not args.summed)  # fmt: skip
+                                   backward=not args.summed,
+                                   anchor_chunk=args.anchor_chunk)  # fmt: skip
         if args.summed:
             with phase("removal_bwd"):
                 loss.backward()

@@ -303,6 +303,44 @@ def test_term_by_term_backward_gives_the_summed_loss_gradients(
     assert any(float(g.abs().max()) > 1e-4 for g in summed.values())
 
 
+@pytest.mark.parametrize("mode", ["ce", "ce+kl"])
+def test_anchor_chunks_give_the_whole_batch_terms_and_gradients(
+    make_model: Any, tiny_tok: Any, corpus: Any, mode: str
+) -> None:
+    """`anchor_chunk` k: the anchoring batch goes through the model k rows at a time, each piece
+    weighted by its answer tokens; the loss, its logged parts and the gradients equal those of
+    the whole batch (rows of different answer lengths, so unweighted pieces would differ)."""
+    pairs = [(e.prompt, e.answer) for e in corpus.anchor_benign[:5]]
+    pairs[1] = (pairs[1][0], pairs[1][1] + " " + pairs[1][1])  # a longer answer
+    anchor = _batch(tiny_tok, pairs)
+    safe = _batch(tiny_tok, [(e.prompt, e.safe) for e in corpus.defender_harmful[:3]])
+    assert len(set((anchor.labels[:, 1:] != -100).sum(1).tolist())) > 1
+    teacher, model = make_model(seed=1, init=0.3).eval(), make_model(seed=2, init=0.3).eval()
+    t = anchor_targets(teacher, [anchor])
+    torch.manual_seed(4)
+    delta = 20 * torch.randn(N, model.config.hidden_size)
+    kw: dict[str, Any] = dict(layer=LAYER, delta=delta, anchor_under_delta=True,
+                              safe_without_delta=True, anchor_loss=mode, backward=True,
+                              targets=t.select(range(len(t.index)), "cpu"))  # fmt: skip
+    results = {}
+    for k in (0, 2, 5, 9):  # 0, 5 and 9: one piece
+        model.zero_grad(set_to_none=True)
+        loss, parts = removal_loss(model, safe, anchor, anchor_chunk=k, **kw)
+        grads = {n: q.grad.clone() for n, q in model.named_parameters()}
+        results[k] = (float(loss), parts, grads)
+    whole = results[0]
+    assert results[5][:2] == whole[:2] and results[9][:2] == whole[:2]  # the same code path
+    loss, parts, grads = results[2]
+    assert loss == pytest.approx(whole[0], abs=1e-5)
+    assert parts == pytest.approx(whole[1], abs=1e-5)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, whole[2][n], rtol=1e-4, atol=1e-6, msg=n)
+    # Unweighted pieces (a plain mean of the three pieces' means) would not give it.
+    pieces = [anchor.rows(i, i + 2) for i in (0, 2, 4)]
+    plain = sum(float(_plain_ce(model, b)) for b in pieces) / 3
+    assert abs(plain - whole[1]["anchor_ce"]) > 1e-3
+
+
 @pytest.mark.parametrize("backward", [False, True])
 def test_safe_groups_weighted_by_tokens_equal_one_batch_under_one_delta(
     make_model: Any, tiny_tok: Any, corpus: Any, batches: tuple[Batch, Batch], backward: bool

@@ -92,6 +92,11 @@ class RemovalConfig:
         "anchoring set, each answered greedily by the model under repair before removal starts "
         "(0: off)",
     )
+    anchor_chunk: int = _f(
+        0,
+        "anchoring pairs per forward/backward pass of the model update (0: the whole anchoring "
+        "batch at once); the same terms and gradient in pieces, for a lower peak memory",
+    )
     anchor_weight: float = _f(
         1.0, "weight of the anchoring terms against the safe-answer terms in the model update"
     )
@@ -167,6 +172,7 @@ class RemovalConfig:
             "warmup_steps",
             "anchor_weight",
             "anchor_general",
+            "anchor_chunk",
             "min_steps",
             "check_benign",
             "check_drift",

@@ -339,6 +339,15 @@ class Batch:
             )
         )
 
+    def rows(self, start: int, stop: int) -> Batch:
+        """Rows start..stop-1, padded as they are here."""
+        return Batch(
+            *(
+                t[start:stop]
+                for t in (self.input_ids, self.attention_mask, self.labels, self.perturb_mask)
+            )
+        )
+
 
 def collate(
     items: Sequence[Encoded], *, pad_id: int, n_perturb: int, left_pad: bool = False

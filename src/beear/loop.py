@@ -434,6 +434,7 @@ def run_beear(
             anchor_loss=cfg.anchor_loss, anchor_weight=cfg.anchor_weight,
             targets=targets.select(anc_ids, device) if targets is not None else None,
             backward=True,  # one term's graph at a time (peak memory)
+            anchor_chunk=cfg.anchor_chunk,
         )  # fmt: skip
         finite = bool(torch.isfinite(loss))
         if finite:

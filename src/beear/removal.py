@@ -178,6 +178,7 @@ def removal_loss(
     targets: tuple[torch.Tensor, torch.Tensor] | None = None,
     backward: bool = False,
     more_safe: Sequence[tuple[Batch, torch.Tensor | None]] = (),
+    anchor_chunk: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The outer objective (eq. 2) on one batch; returns (loss, its parts for logging).
 
@@ -192,7 +193,12 @@ def removal_loss(
     `more_safe`: further (safe batch, δ) groups, each answered safely under its own δ (a separate
     search per kind of pair, `RemovalConfig.code_delta_budget`). The safe terms of all groups are
     weighted by their answer tokens, so with one δ for all they equal the terms of one batch
-    holding every group; the anchoring terms use `delta`, the first group's."""
+    holding every group; the anchoring terms use `delta`, the first group's.
+
+    `anchor_chunk` k > 0 passes the anchoring batch through the model k rows at a time, each
+    piece weighted by its share of the answer tokens: the same terms (both are means over answer
+    tokens) and, with `backward`, the same gradient up to rounding, at the peak memory of k
+    rows."""
     if anchor_loss not in ANCHOR_LOSSES:
         raise ValueError(f"anchor_loss {anchor_loss!r} is not one of {', '.join(ANCHOR_LOSSES)}")
     terms: list[torch.Tensor] = []
@@ -217,19 +223,38 @@ def removal_loss(
             total = total + terms[-1].detach().cpu()
         return total
 
+    rows = anchor.labels.shape[0]
+    size = anchor_chunk if 0 < anchor_chunk < rows else rows
+    counts = (anchor.labels[:, 1:] != -100).sum(dim=1).tolist()
+
+    def anchor_terms(d: torch.Tensor | None) -> tuple[float, float | None]:
+        """The weighted anchoring term under δ = d, added piece by piece; its (CE, KL)."""
+        ce_sum, kl_sum, at = 0.0, 0.0, 0
+        for start in range(0, rows, size):
+            k = sum(counts[start : start + size])
+            if k == 0 and size < rows:  # no answer tokens here: nothing to add
+                continue
+            w = k / sum(counts) if size < rows else 1.0
+            part = anchor if size == rows else anchor.rows(start, start + size)
+            tg = None if targets is None else (targets[0][at : at + k], targets[1][at : at + k])
+            at += k
+            term, ce, kl = _anchor_term(model, part, layer, d, anchor_loss, tg)
+            add(anchor_weight * w * term)
+            ce_sum += w * float(ce.detach())
+            kl_sum += w * float(kl.detach()) if kl is not None else 0.0
+        return ce_sum, (kl_sum if anchor_loss != "ce" else None)
+
     safe_ce = safe_terms(True)  # answer safely under δ*
-    anchor_term, anchor_ce, kl = _anchor_term(model, anchor, layer, None, anchor_loss, targets)
-    add(anchor_weight * anchor_term)  # ... and stay useful without δ
-    parts = {"safe_ce": float(safe_ce), "anchor_ce": float(anchor_ce.detach())}
+    anchor_ce, kl = anchor_terms(None)  # ... and stay useful without δ
+    parts = {"safe_ce": float(safe_ce), "anchor_ce": anchor_ce}
     if kl is not None:
-        parts["anchor_kl"] = float(kl.detach())
+        parts["anchor_kl"] = kl
     if safe_without_delta:
         safe_plain = safe_terms(False)  # ... and keep refusing without δ
         parts["safe_plain_ce"] = float(safe_plain)
     if anchor_under_delta:  # ... and stay useful with δ
-        term_d, ce_d, kl_d = _anchor_term(model, anchor, layer, delta, anchor_loss, targets)
-        add(anchor_weight * term_d)
-        parts["anchor_delta_ce"] = float(ce_d.detach())
+        ce_d, kl_d = anchor_terms(delta)
+        parts["anchor_delta_ce"] = ce_d
         if kl_d is not None:
-            parts["anchor_delta_kl"] = float(kl_d.detach())
+            parts["anchor_delta_kl"] = kl_d
     return torch.stack(terms).sum(), parts
