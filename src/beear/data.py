@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -331,22 +331,17 @@ class Batch:
     labels: torch.Tensor  # (B, T) long, -100 off the answer
     perturb_mask: torch.Tensor  # (B, T) bool
 
-    def to(self, device: torch.device | str) -> Batch:
+    def _map(self, f: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
         return Batch(
-            *(
-                t.to(device)
-                for t in (self.input_ids, self.attention_mask, self.labels, self.perturb_mask)
-            )
+            *(f(t) for t in (self.input_ids, self.attention_mask, self.labels, self.perturb_mask))
         )
+
+    def to(self, device: torch.device | str) -> Batch:
+        return self._map(lambda t: t.to(device))
 
     def rows(self, start: int, stop: int) -> Batch:
         """Rows start..stop-1, padded as they are here."""
-        return Batch(
-            *(
-                t[start:stop]
-                for t in (self.input_ids, self.attention_mask, self.labels, self.perturb_mask)
-            )
-        )
+        return self._map(lambda t: t[start:stop])
 
 
 def collate(
