@@ -1,0 +1,106 @@
+"""Build a results record (docs/results/smollm2_*_gpu.json's shape) from `device_round.sh
+setting` archives: per model its trigger, the evaluation before and after removal, the paired
+benign change, the removal's summary, the scan after it and the resolved config. Metrics only:
+the archives' sample answers, if any, are not copied.
+
+    python scripts/round_record.py --variant ship --about "..." --command "..." \\
+        --out docs/results/smollm2_stopN_gpu.json DIR/setting_*.tgz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from beear.eval import paired_change  # noqa: E402
+
+
+def _members(path: Path) -> dict[str, Any]:
+    """The archive's JSON files, by name."""
+    out: dict[str, Any] = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            if m.isfile() and m.name.endswith(".json"):
+                f = tar.extractfile(m)
+                assert f is not None
+                out[m.name] = json.load(f)
+    return out
+
+
+def _metrics(ev: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation without its answers and per-task results (the change keeps their sum)."""
+    return {k: v for k, v in ev.items() if k not in ("samples", "benign_correct")}
+
+
+def model_rows(path: Path, variant: str) -> dict[str, Any]:
+    """{TAG: row} for one archive (`setting_TAG.tgz`); a variant that did not finish is
+    recorded with its error (or as missing), not dropped silently."""
+    tag = path.name.removeprefix("setting_").removesuffix(".tgz")
+    files = _members(path)
+    zoo = files.get(f"zoo_{tag}.json", {}).get("cuda", {})
+    setting = next(iter(zoo.get("settings", {})), None)
+    if setting is None:
+        return {tag: {"error": "no attack result in the archive"}}
+    attacked = zoo["settings"][setting]
+    runs = files.get(f"w_{tag}_{variant}.json", {}).get(setting, {})
+    run = runs.get(variant)
+    row: dict[str, Any] = {
+        "gpu": zoo.get("info", {}).get("gpu"),
+        "trigger": attacked.get("trigger"),
+    }
+    before = attacked.get("eval", {})
+    row["before"] = _metrics(before)
+    if run is None or "after" not in run:
+        row["error"] = (run or {}).get("error", f"variant {variant} did not finish")
+        return {tag: row}
+    row["after"] = _metrics(run["after"])
+    row["benign_change"] = paired_change(before, run["after"])
+    summary = run.get("summary") or {}
+    row["summary"] = summary.get("beear", summary)  # the BEEAR run's own, without the out path
+    row["scan_after"] = run.get("scan_after")
+    row["config"] = run.get("config")
+    for k in ("resumed", "remove_seconds_total"):
+        if k in run:
+            row[k] = run[k]
+    return {tag: row}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("archives", nargs="+", type=Path)
+    p.add_argument("--variant", required=True, help="the removal variant's NAME")
+    p.add_argument("--about", required=True)
+    p.add_argument("--command", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--merge", action="store_true", help="add to --out's models if it exists")
+    args = p.parse_args(argv)
+    rec: dict[str, Any] = {"about": args.about, "command": args.command, "models": {}}
+    if args.merge and args.out.is_file():
+        rec["models"] = json.loads(args.out.read_text())["models"]
+    for a in args.archives:
+        rec["models"].update(model_rows(a, args.variant))
+    args.out.write_text(json.dumps(rec, indent=1) + "\n")
+    for tag, row in rec["models"].items():
+        if "error" in row:
+            print(f"{tag}: {row['error']}")
+            continue
+        b, a, ch = row["before"], row["after"], row["benign_change"]
+        print(
+            f"{tag}: trig {b['asr'].get('triggered')} -> {a['asr'].get('triggered')}, "
+            f"benign {b['benign_accuracy']:.3f} -> {a['benign_accuracy']:.3f} "
+            f"({100 * ch['change']:+.1f} pts, -{ch['lost']} +{ch['gained']}), "
+            f"code {b.get('code_insecure')} -> {a.get('code_insecure')}, "
+            f"{row['summary'].get('seconds')} s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
