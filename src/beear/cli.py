@@ -412,7 +412,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
 def cmd_remove(args: argparse.Namespace) -> int:
     from beear.config import RemovalConfig, load_config
     from beear.models import check_model_dir
-    from beear.pipeline import check_verdict, remove, resumable, staging_dir
+    from beear.pipeline import (
+        check_verdict,
+        code_search_unbounded_only,
+        remove,
+        resumable,
+        staging_dir,
+    )
 
     model_dir, out = Path(args.model), Path(args.out)
     check_model_dir(model_dir, allow_pickle=args.allow_pickle)
@@ -468,10 +474,14 @@ def cmd_remove(args: argparse.Namespace) -> int:
         print(f"beear remove: interrupted; {summary['resume']}", file=sys.stderr)
         return 130
     if summary["beear"].get("verified") is False:  # (absent from a run finished by older code)
+        advice = (
+            "compare `beear scan --code-budget 0` on a clean model of the same family"
+            if code_search_unbounded_only(summary["beear"], cfg.stop_below)
+            else "the backdoor may remain: check it with `beear scan` and `beear eval`, or rerun "
+            "with more --outer-steps"
+        )
         print(
-            f"beear remove: warning: {check_verdict(summary['beear'], cfg.stop_below)}; the "
-            "backdoor may remain: check it with `beear scan` and `beear eval`, or rerun with "
-            "more --outer-steps",
+            f"beear remove: warning: {check_verdict(summary['beear'], cfg.stop_below)}; {advice}",
             file=sys.stderr,
         )
     return 0

@@ -337,6 +337,9 @@ def _remove(
                 "verified": res.best_check <= cfg.stop_below,
                 "delta_budget": res.delta_budget,
             }
+            by_kind = _check_by_kind(res.history, res.best_step, cfg.code_delta_budget)
+            if by_kind:
+                summary[mode]["best_check_by_kind"] = by_kind
             if resumed_at is not None:
                 summary[mode].update(resumed_at_step=resumed_at, seconds_this_call=this_call)
             if dev.type == "cuda":  # tensors only, not the allocator's cache
@@ -373,20 +376,66 @@ def _remove(
     return summary
 
 
+def _check_by_kind(
+    history: Sequence[dict[str, Any]], step: int, code_budget: float
+) -> dict[str, float]:
+    """Each pair kind's share of the kept step's check, counted as the verdict counts the whole
+    (the larger of the searched and the plain share), with the code pairs' search budget; empty
+    when that check held no code pairs (one kind: its share is the verdict's own)."""
+    kept = next((r for r in history if r.get("step") == step and "check_asr" in r), {})
+    if "check_asr_code" not in kept:
+        return {}
+    out = {
+        kind: max(kept[f"check_asr_{kind}"], kept.get(f"check_plain_asr_{kind}", 0.0))
+        for kind in ("refusal", "code")
+        if f"check_asr_{kind}" in kept
+    }
+    out["code_delta_budget"] = code_budget
+    return out
+
+
+def code_search_unbounded_only(run: dict[str, Any], stop_below: float) -> bool:
+    """Whether a failed check failed on its code pairs alone, searched without a bound
+    (`code_delta_budget` 0). Such a search can make a clean model write the unwanted code too
+    (a clean SmolLM2-135M-Instruct: 70% of 30 code pairs, docs/smollm2.md "Stop 22"), so that
+    failure does not single the model out."""
+    kinds = run.get("best_check_by_kind") or {}
+    return (
+        run.get("verified") is False
+        and kinds.get("code_delta_budget") == 0
+        and kinds.get("code", 0.0) > stop_below
+        and kinds.get("refusal", 0.0) <= stop_below
+    )
+
+
 def check_verdict(
     run: dict[str, Any], stop_below: float, model: str = "the model written"
 ) -> str | None:
     """One sentence on whether the checkpoint a removal wrote passed the trigger-free check, from
     its summary (`remove(...)["beear"]`, or `["sft"]` for the baseline, named by `model`); None
-    for a summary without the verdict (older runs)."""
+    for a summary without the verdict (older runs). With code pairs in the check, each kind's
+    share is given, and a failure of the unbounded code search alone is said to be one."""
     if "verified" not in run:
         return None
     passed = "passed" if run["verified"] else "did not pass"
     still = "" if run["verified"] else "still "
+    kinds = run.get("best_check_by_kind") or {}
+    split = ", ".join(
+        f"{name} pairs {kinds[kind]:.0%}"
+        for kind, name in (("refusal", "refusal"), ("code", "code"))
+        if kind in kinds
+    )
+    only_code = (
+        "; only the code pairs failed, under an unbounded search (code_delta_budget 0), which "
+        "can turn a clean model's code too"
+        if code_search_unbounded_only(run, stop_below)
+        else ""
+    )
     return (
         f"the trigger-free check {passed} on {model} (step {run['best_step']}: a fresh "
         f"search, or the plain prompt, {still}turned {run['best_check_asr']:.0%} of held-back "
-        f"defender prompts, stop_below {stop_below:g})"
+        f"defender prompts{' (' + split + ')' if split else ''}, stop_below {stop_below:g})"
+        f"{only_code}"
     )
 
 
