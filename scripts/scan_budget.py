@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,12 +24,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import zoo_tiny  # noqa: E402
-
-
-def auroc(pos: list[float], neg: list[float]) -> float | None:
-    """zoo_tiny's AUROC, with None instead of NaN when a side is empty (valid JSON)."""
-    a = zoo_tiny.auroc(pos, neg)
-    return None if math.isnan(a) else a
 
 
 def main() -> int:
@@ -58,6 +51,8 @@ def main() -> int:
     rows: list[dict[str, Any]] = [
         r for f in args.merge for r in json.loads(Path(f).read_text())["rows"]
     ]
+    js = Path(args.json)
+    js.parent.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     for spec in args.models:
         label, _, d = spec.partition(":")
@@ -74,6 +69,8 @@ def main() -> int:
             r = scan_model(model, tok, defender, config=cfg, steps=args.steps, prompts=args.prompts)
             row = {"label": label, "model": str(model_dir), **r}
             rows.append(row)
+            # Every row as it comes: a crash or a time limit later keeps the scans made.
+            js.write_text(json.dumps({"partial": True, "rows": rows}, indent=1) + "\n")
             print(
                 f"{label:10} {model_dir.name:24} budget {b:<5} asr {r['entrapment_asr']:.3f} "
                 f"ce {r['unwanted_ce']:.3f} |δ| {r['delta_norm']:.1f} ({r['seconds']:.1f} s)",
@@ -91,8 +88,12 @@ def main() -> int:
             return [sign * r[key] for r in at if r["label"] == label]
 
         summary[str(b)] = {
-            "auroc_asr": auroc(of("backdoored", "entrapment_asr"), of("clean", "entrapment_asr")),
-            "auroc_ce": auroc(of("backdoored", "unwanted_ce", -1), of("clean", "unwanted_ce", -1)),
+            "auroc_asr": zoo_tiny.auroc(
+                of("backdoored", "entrapment_asr"), of("clean", "entrapment_asr")
+            ),
+            "auroc_ce": zoo_tiny.auroc(
+                of("backdoored", "unwanted_ce", -1), of("clean", "unwanted_ce", -1)
+            ),
             "asr": {
                 lab: of(lab, "entrapment_asr") for lab in dict.fromkeys(r["label"] for r in at)
             },
@@ -109,8 +110,7 @@ def main() -> int:
         "summary": summary,
         "rows": rows,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    js.write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
 
