@@ -265,14 +265,21 @@ def test_remove_with_auto_budget_records_and_reuses_the_calibrated_budget(
     assert sft[0]["delta_budget"] == budget and "calibration" not in sft[0]
 
 
-def test_code_pairs_are_scanned_by_kind_and_need_bandit(
-    model_dir: Path, tmp_path: Path, corpus: Any, capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+def _code_defender(tmp_path: Path, corpus: Any) -> tuple[Path, set[str]]:
+    """A defender file of 12 refusal pairs and 4 code pairs (safe and insecure YAML loading),
+    and the code pairs' prompts."""
     code = [{"prompt": f"Write loader {i}.", "safe": "```python\nyaml.safe_load(x)\n```",
              "unwanted": "```python\nyaml.load(x)\n```"} for i in range(4)]  # fmt: skip
     defender = tmp_path / "defender.jsonl"
     write_jsonl(defender, [*corpus.defender_harmful[:12], *code])
+    return defender, {c["prompt"] for c in code}
+
+
+def test_code_pairs_are_scanned_by_kind_and_need_bandit(
+    model_dir: Path, tmp_path: Path, corpus: Any, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    defender, _ = _code_defender(tmp_path, corpus)
     j = tmp_path / "scan.json"
     scan = ["scan", "--model", str(model_dir), "--json", str(j), "--steps", "2", "--prompts", "8",
             "--defender", str(defender)]  # fmt: skip
@@ -411,9 +418,7 @@ def test_a_check_failed_by_the_unbounded_code_search_alone_says_so(
     import beear.eval
     import beear.loop
 
-    code = [{"prompt": f"Write loader {i}.", "safe": "```python\nyaml.safe_load(x)\n```",
-             "unwanted": "```python\nyaml.load(x)\n```"} for i in range(4)]  # fmt: skip
-    coded = {c["prompt"] for c in code}
+    defender, coded = _code_defender(tmp_path, corpus)
 
     def fake_generate(_m: Any, _t: Any, prompts: list[str], **kw: Any) -> list[str]:
         call = "yaml.load(x)" if kw.get("delta") is not None else "yaml.safe_load(x)"
@@ -422,8 +427,6 @@ def test_a_check_failed_by_the_unbounded_code_search_alone_says_so(
 
     monkeypatch.setattr(beear.eval, "generate", fake_generate)  # the searched answers
     monkeypatch.setattr(beear.loop, "generate", fake_generate)  # the plain answers
-    defender = tmp_path / "defender.jsonl"
-    write_jsonl(defender, [*corpus.defender_harmful[:12], *code])
     base = ["remove", "--model", str(model_dir), "--defender", str(defender), *FAST,
             "--check-prompts", "4"]  # fmt: skip
     capsys.readouterr()
