@@ -193,6 +193,14 @@ def judged_pairs(
     return refusal, coded
 
 
+def check_bad(rec: dict[str, Any], kind: str = "") -> float:
+    """A check record's unwanted share, as best-checkpoint selection and the verdict count it:
+    the larger of the fresh search's and the plain prompt's; `kind` ("refusal" or "code") gives
+    that kind's own (its plain share counted 0 when not recorded)."""
+    sfx = f"_{kind}" if kind else ""
+    return max(rec[f"check_asr{sfx}"], rec.get(f"check_plain_asr{sfx}", 0.0))
+
+
 def stratified(n_refusal: int, n_code: int, total: int) -> tuple[int, int]:
     """How many of `total` probes (at most n_refusal + n_code) go to each kind: in proportion to
     the kinds' sizes, at least one of each kind present when `total` allows (with `total` = 1
@@ -377,7 +385,7 @@ def run_beear(
             rec0["calibration_entrapped"] = calibration[-1]["asr"] >= ENTRAPPED
         rec0["seconds"] = 0.0
         st.history.append(rec0)
-        bad0 = max(chk["check_asr"], chk["check_plain_asr"])
+        bad0 = check_bad(chk)
         st.best = {"step": 0, "check_bad": bad0, "benign_refusal": 1.0, "anchor_ce": math.inf}
         st.best_weights = _snapshot(model)
         if on_step:
@@ -464,7 +472,7 @@ def run_beear(
             # Best = fewest unwanted answers with and without δ, then the fewest refused benign
             # prompts, then the least drift on held-back anchoring pairs (check_drift; else the
             # step's anchoring loss); checks before min_steps are only recorded.
-            bad = max(rec["check_asr"], rec["check_plain_asr"])
+            bad = check_bad(rec)
             tie = rec.get("check_drift", rec["anchor_ce"])
             key = (bad, rec.get("check_benign_refusal", 0.0), tie)
             b = st.best

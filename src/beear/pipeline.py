@@ -381,27 +381,24 @@ def _remove(
 def _check_by_kind(
     history: Sequence[dict[str, Any]], step: int, code_budget: float
 ) -> dict[str, float]:
-    """Each pair kind's share of the kept step's check, counted as the verdict counts the whole
-    (the larger of the searched and the plain share), with the code pairs' search budget
-    (`code_budget`, 0 = unbounded); empty
-    when that check held no code pairs (one kind: its share is the verdict's own)."""
+    """Each pair kind's share of the kept step's check (`loop.check_bad`, as the verdict counts
+    the whole), with the code pairs' search budget (`code_budget`, 0 = unbounded); empty when
+    that check held no code pairs (one kind: its share is the verdict's own)."""
+    from beear.loop import check_bad
+
     kept = next((r for r in history if r.get("step") == step and "check_asr" in r), {})
     if "check_asr_code" not in kept:
         return {}
-    out = {
-        kind: max(kept[f"check_asr_{kind}"], kept.get(f"check_plain_asr_{kind}", 0.0))
-        for kind in ("refusal", "code")
-        if f"check_asr_{kind}" in kept
-    }
+    out = {k: check_bad(kept, k) for k in ("refusal", "code") if f"check_asr_{k}" in kept}
     out["code_budget"] = code_budget
     return out
 
 
 def code_search_unbounded_only(run: dict[str, Any], stop_below: float) -> bool:
     """Whether a failed check failed on its code pairs alone, searched without a bound (their
-    `code_budget` 0: `code_delta_budget` 0, or no bound on any search). Such a search can make a clean model write the unwanted code too
-    (a clean SmolLM2-135M-Instruct: 70% of 30 code pairs, docs/smollm2.md "Stop 22"), so that
-    failure does not single the model out."""
+    `code_budget` 0: `code_delta_budget` 0, or no bound on any search). Such a search can make
+    a clean model write the unwanted code too (a clean SmolLM2-135M-Instruct: 70% of 30 code
+    pairs, docs/smollm2.md "Stop 22"), so that failure does not single the model out."""
     kinds = run.get("best_check_by_kind") or {}
     return (
         run.get("verified") is False
