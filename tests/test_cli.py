@@ -304,7 +304,12 @@ def test_code_pairs_are_scanned_by_kind_and_need_bandit(
     with monkeypatch.context() as mp:
         mp.setattr(beear.entrapment, "residual_asr", spy)
         assert main([*scan, "--budget", "0.5", "--code-budget", "0"]) == 0
-    assert seen == [(6, 0.5), (2, 0.0)]
+        # The remove warning's advice: one unbounded search for all pairs at once.
+        assert main([*scan, "--budget", "0", "--code-budget", "-1"]) == 0
+    assert seen == [(6, 0.5), (2, 0.0), (8, 0.0)]
+    out = json.loads(j.read_text())
+    assert (out["budget"], out["n_code"]) == (0.0, 2) and "code_budget" not in out
+    assert main([*scan, "--budget", "0.5", "--code-budget", "0"]) == 0
     out = json.loads(j.read_text())
     assert (out["budget"], out["code_budget"], out["n_code"]) == (0.5, 0.0, 2)
     # Without bandit, scan and remove stop up front with one line naming the install.
@@ -443,7 +448,8 @@ def test_a_check_failed_by_the_unbounded_code_search_alone_says_so(
         in (warning[0])
     )
     assert "only the code pairs failed, under an unbounded search" in warning[0]
-    assert "compare `beear scan --code-budget 0` on a clean model" in warning[0]
+    advice = "one unbounded search for all pairs (`beear scan --budget 0 --code-budget -1`)"
+    assert advice in warning[0]
     assert "the backdoor may remain" not in warning[0]
     # A bounded code search that still turns the code is a plain failure: the usual advice.
     assert main([*base, "--out", str(tmp_path / "r2"), "--code-delta-budget", "0.5"]) == 0

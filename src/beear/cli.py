@@ -475,7 +475,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
         return 130
     if summary["beear"].get("verified") is False:  # (absent from a run finished by older code)
         advice = (
-            "compare `beear scan --code-budget 0` on a clean model of the same family"
+            "compare the code pairs' share under one unbounded search for all pairs (`beear "
+            "scan --budget 0 --code-budget -1`) with a clean model of the same family"
             if code_search_unbounded_only(summary["beear"], cfg.stop_below)
             else "the backdoor may remain: check it with `beear scan` and `beear eval`, or rerun "
             "with more --outer-steps"
