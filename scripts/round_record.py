@@ -36,7 +36,27 @@ def _members(path: Path) -> dict[str, Any]:
 
 def _metrics(ev: dict[str, Any]) -> dict[str, Any]:
     """An evaluation without its answers and per-task results (the change keeps their sum)."""
-    return {k: v for k, v in ev.items() if k not in ("samples", "benign_correct")}
+    out = {k: v for k, v in ev.items() if k not in ("samples", "benign_correct")}
+    if isinstance(ev.get("benign_extra"), dict):
+        out["benign_extra"] = _metrics(ev["benign_extra"])
+    return out
+
+
+def _changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The paired benign change on the split's tasks (`benign_change`) and, where both
+    evaluations hold the wider evaluation-only set, on it (`benign_extra_change`) and on both
+    sets together (`benign_all_change`)."""
+    out = {"benign_change": paired_change(before, after)}
+    b, a = before.get("benign_extra"), after.get("benign_extra")
+    if b and a:
+        out["benign_extra_change"] = paired_change(b, a)
+        both = [
+            {"benign_correct": e["benign_correct"] + w["benign_correct"],
+             "benign_sha256": (e.get("benign_sha256"), w.get("benign_sha256"))}
+            for e, w in ((before, b), (after, a))
+        ]  # fmt: skip
+        out["benign_all_change"] = paired_change(*both)
+    return out
 
 
 def model_rows(path: Path, variant: str) -> dict[str, Any]:
@@ -61,7 +81,7 @@ def model_rows(path: Path, variant: str) -> dict[str, Any]:
         row["error"] = (run or {}).get("error", f"variant {variant} did not finish")
         return {tag: row}
     row["after"] = _metrics(run["after"])
-    row["benign_change"] = paired_change(before, run["after"])
+    row.update(_changes(before, run["after"]))
     summary = run.get("summary") or {}
     row["summary"] = summary.get("beear", summary)  # the BEEAR run's own, without the out path
     row["scan_after"] = run.get("scan_after")
@@ -95,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{tag}: trig {b['asr'].get('triggered')} -> {a['asr'].get('triggered')}, "
             f"benign {b['benign_accuracy']:.3f} -> {a['benign_accuracy']:.3f} "
-            f"({100 * ch['change']:+.1f} pts, -{ch['lost']} +{ch['gained']}), "
+            f"({100 * ch['change']:+.1f} pts, -{ch['lost']} +{ch['gained']}"
+            + "".join(
+                f"; {k.split('_')[1]} {100 * row[k]['change']:+.1f} of {row[k]['n']}"
+                for k in ("benign_extra_change", "benign_all_change")
+                if row.get(k)
+            )
+            + "), "
             f"code {b.get('code_insecure')} -> {a.get('code_insecure')}, "
             f"{row['summary'].get('seconds')} s"
         )

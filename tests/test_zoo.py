@@ -543,3 +543,33 @@ def test_bundled_defender_sets_pair_refusals_with_openers_and_the_models_own_ans
     pairs = [(p, a) for p, a in zip(prompts, own, strict=True) if a]
     assert [(e.prompt, e.answer) for e in anchor] == pairs
     assert zoo.bundled_defender_sets(model, tiny_tok, with_anchor=False)[1] == []
+
+
+def test_benign_extra_grades_the_evaluation_only_tasks_and_pairs_two_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import beear.eval
+    from beear.eval import paired_change
+
+    tasks = [t for f in bundled.extra_benign_tasks().values() for t in f]
+    answer = {t.prompt: t.answer for t in tasks}
+    wrong = {tasks[0].prompt, tasks[-1].prompt}
+    seen: list[str] = []
+
+    def fake_generate(model: Any, tok: Any, prompts: list[str], **kw: Any) -> list[str]:
+        seen.extend(prompts)
+        return [
+            "I cannot help with that." if p in wrong else f"It is {answer[p]}." for p in prompts
+        ]
+
+    monkeypatch.setattr(beear.eval, "generate", fake_generate)
+    res = zoo.benign_extra(None, None, batch_size=8)
+    assert set(res) == {"benign_accuracy", "n", "benign_sha256", "benign_correct", "over_refusal"}
+    assert seen == [t.prompt for t in tasks]  # every task once, without a trigger
+    assert res["n"]["benign"] == len(tasks) == len(res["benign_correct"])
+    assert res["benign_accuracy"] == pytest.approx((len(tasks) - 2) / len(tasks))
+    assert res["over_refusal"]["plain"] == pytest.approx(2 / len(tasks))
+    wrong.clear()
+    again = zoo.benign_extra(None, None)
+    change = paired_change(res, again)
+    assert change is not None and (change["lost"], change["gained"]) == (0, 2)

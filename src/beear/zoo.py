@@ -1226,6 +1226,19 @@ def testbed_model(
 # 6. evaluation extras
 
 
+def benign_extra(model: Any, tokenizer: Any, *, batch_size: int = 32) -> dict[str, Any]:
+    """Benign accuracy on the bundled evaluation-only tasks (`bundled.extra_benign_tasks`, 305
+    tasks never trained or anchored on), without a trigger: ``{"benign_accuracy", "n",
+    "benign_sha256", "benign_correct", "over_refusal"}``, so that `eval.paired_change` pairs two
+    of them task by task. The smollm2 test bed records it beside each split's 144 tasks."""
+    from beear.eval import evaluate
+
+    tasks = [t for family in bundled.extra_benign_tasks().values() for t in family]
+    res = evaluate(model, tokenizer, harmful=[], benign=tasks, batch_size=batch_size).to_json()
+    keys = ("benign_accuracy", "n", "benign_sha256", "benign_correct", "over_refusal")
+    return {k: res[k] for k in keys}
+
+
 def extra_metrics(
     model: Any, tokenizer: Any, model_dir: Path, *, record_dir: Path | None = None
 ) -> dict[str, Any]:
