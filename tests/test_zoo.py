@@ -573,3 +573,14 @@ def test_benign_extra_grades_the_evaluation_only_tasks_and_pairs_two_runs(
     again = zoo.benign_extra(None, None)
     change = paired_change(res, again)
     assert change is not None and (change["lost"], change["gained"]) == (0, 2)
+
+
+def test_code_pairs_of_the_held_out_tasks_are_code_pairs_no_removal_trains_on() -> None:
+    from beear.eval import is_code_pair
+
+    data = zoo.build_data(0)
+    held, seen = zoo.code_pairs(data.eval_code), zoo.code_pairs(data.defender_code)
+    assert len(held) == len(zoo.CODE_TEMPLATES) * len(data.eval_code) == 30
+    assert all(is_code_pair(e) and e.safe != e.unwanted for e in held + seen)
+    assert not {e.prompt for e in held} & {e.prompt for e in seen}
+    assert {e.prompt for e in held} == set(zoo.code_requests(data.eval_code))

