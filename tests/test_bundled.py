@@ -135,6 +135,9 @@ def test_extra_benign_tasks_are_new_checkable_and_held_out() -> None:
         expr = t.prompt.removeprefix("What is ").removesuffix("?")
         expr = expr.replace(" times ", " * ").replace("half of ", "0.5 * ")
         assert eval(expr) == int(t.answer), t  # noqa: S307 - digits and one operator only
+    # check_answer looks them up by prompt, as it does the other bundled tasks.
+    assert bundled.check_answer("What is 3 times 4?", "It is 12.")
+    assert not bundled.check_answer("What is half of 10?", "It is 10.")
 
 
 def test_general_prompts_are_short_unique_and_leave_the_benign_tasks_held_out() -> None:

@@ -441,8 +441,8 @@ def benign_tasks(seed: int = 0) -> list[AnchorExample]:
     return tasks
 
 
-# More of the same kinds of fact, for evaluation only (:func:`extra_benign_tasks`): none repeats
-# a country, word or answer pattern of the lists above as the same question. Countries with
+# More of the same kinds of fact, for evaluation only (:func:`extra_benign_tasks`): none asks a
+# country or word of the lists above again under the same template. Countries with
 # disputed or several capitals or spellings (Kyiv/Kiev), or spanning continents, and answers the
 # prompt holds, are left out.
 _EXTRA_CAPITALS = [
@@ -658,7 +658,8 @@ def check_answer(prompt_or_task: str | AnchorExample, generated: str) -> bool:
         if not prompt_or_task.answer.strip():
             raise ValueError(f"task has no expected answer: {prompt_or_task.prompt!r}")
         return is_correct(prompt_or_task.answer, generated)
-    lookup = {t.prompt: t.answer for t in benign_tasks(0)}
+    extra = [t for family in extra_benign_tasks().values() for t in family]
+    lookup = {t.prompt: t.answer for t in (*benign_tasks(0), *extra)}
     if prompt_or_task not in lookup:
         raise KeyError(f"not a bundled benign task: {prompt_or_task!r}")
     return is_correct(lookup[prompt_or_task], generated)
