@@ -1,7 +1,8 @@
 """Build a results record (docs/results/smollm2_*_gpu.json's shape) from `device_round.sh
 setting` archives: per model its trigger, the evaluation before and after removal, the paired
-benign change, the removal's summary, the scan after it and the resolved config. Metrics only:
-the archives' sample answers, if any, are not copied.
+benign change (also on the evaluation-only tasks, `benign_extra`, and on both sets together,
+where both evaluations hold them), the removal's summary, the scan after it and the resolved
+config. Metrics only: the archives' sample answers, if any, are not copied.
 
     python scripts/round_record.py --variant ship --about "..." --command "..." \\
         --out docs/results/smollm2_stopN_gpu.json DIR/setting_*.tgz
