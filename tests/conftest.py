@@ -1,7 +1,9 @@
-"""Shared fixtures: the tiny test-bed tokenizer and corpus, small random Llama models, and (slow
-tests only) one backdoored test-bed model per session."""
+"""Shared fixtures: the tiny test-bed tokenizer and corpus, small random Llama models, the
+repository's scripts as modules, and (slow tests only) one backdoored test-bed model per
+session."""
 
 import contextlib
+import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,21 @@ def single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def load_script() -> Callable[[str], Any]:
+    """`load_script("round_record")`: scripts/round_record.py imported as a module."""
+
+    def load(name: str) -> Any:
+        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ graded answer by answer as `beear.eval.evaluate` grades them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -13,19 +12,13 @@ import pytest
 from beear import bundled
 from beear.models import save_model
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benign_families.py"
-
-
-def _script() -> Any:
-    spec = importlib.util.spec_from_file_location("benign_families", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def test_accuracy_by_family_counts_each_family_on_its_own(
-    tmp_path: Path, make_model: Any, tiny_tok: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    make_model: Any,
+    tiny_tok: Any,
+    load_script: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import beear.eval
 
@@ -40,7 +33,7 @@ def test_accuracy_by_family_counts_each_family_on_its_own(
 
     monkeypatch.setattr(beear.eval, "generate", fake_generate)
     out = tmp_path / "families.json"
-    assert _script().main(["--model", str(model_dir), "--json", str(out)]) == 0
+    assert load_script("benign_families").main(["--model", str(model_dir), "--json", str(out)]) == 0
     rec = json.loads(out.read_text())
     assert "bundled" not in rec  # only with --bundled
     extra = rec["extra"]

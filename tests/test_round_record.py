@@ -3,22 +3,11 @@ metrics, drops the answers, pairs the benign change task by task and keeps a cut
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import tarfile
 from pathlib import Path
 from typing import Any
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "round_record.py"
-
-
-def _script() -> Any:
-    spec = importlib.util.spec_from_file_location("round_record", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _eval(correct: list[bool], triggered: float) -> dict[str, Any]:
@@ -44,7 +33,7 @@ def _archive(path: Path, tag: str, files: dict[str, Any]) -> Path:
     return path / f"setting_{tag}.tgz"
 
 
-def test_record_from_finished_and_cut_archives(tmp_path: Path) -> None:
+def test_record_from_finished_and_cut_archives(tmp_path: Path, load_script: Any) -> None:
     before = [True, True, False, True, False, True]
     after = [True, False, True, True, True, True]  # one lost, two gained
     zoo = {"cuda": {"info": {"gpu": "GPU"}, "settings": {"rlhf": {
@@ -63,7 +52,7 @@ def test_record_from_finished_and_cut_archives(tmp_path: Path) -> None:
     b = _archive(tmp_path, "sandwich",
                  {"zoo_sandwich.json": zoo_cut, "w_sandwich_ship.json": cut})  # fmt: skip
     out = tmp_path / "rec.json"
-    rr = _script()
+    rr = load_script("round_record")
     assert rr.main([str(a), str(b), "--variant", "ship", "--about", "A", "--command", "C",
                     "--out", str(out)]) == 0  # fmt: skip
     rec = json.loads(out.read_text())
