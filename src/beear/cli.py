@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -258,6 +258,26 @@ def _load(args: argparse.Namespace, model_dir: Path, device: str) -> tuple[Any, 
     )
 
 
+def _fill_from_bundled(
+    parts: list[tuple[Any, str]], bundled: Callable[[], tuple[Any, ...]], *, missing: str, said: str
+) -> list[Any]:
+    """Each part (what its flag or the test bed gave, else None; the label of its count), the
+    None ones taken from `bundled()`; what was taken is said on stderr as `said` with "{used}"
+    replaced by the counts. A missing wheel behind the bundled set is a UsageError: `missing`
+    with "{e}" replaced by the reason, which names the pip command."""
+    if all(have is not None for have, _ in parts):
+        return [have for have, _ in parts]
+    try:
+        found = bundled()
+    except (FileNotFoundError, ImportError) as e:
+        raise UsageError(missing.replace("{e}", str(e))) from None
+    used = ", ".join(
+        f"{len(f)} {label}" for (have, label), f in zip(parts, found, strict=True) if have is None
+    )
+    print(said.replace("{used}", used), file=sys.stderr)
+    return [f if have is None else have for (have, _), f in zip(parts, found, strict=True)]
+
+
 def _eval_sets(args: argparse.Namespace, model_dir: Path) -> tuple[list[str], list[Any]]:
     from beear.data import load_anchor, load_prompts
 
@@ -270,25 +290,22 @@ def _eval_sets(args: argparse.Namespace, model_dir: Path) -> tuple[list[str], li
             raise UsageError(
                 f"{p} does not exist; pass {flag} FILE (JSONL/CSV, one prompt per record)"
             )
-    harmful = load_prompts(harmful_path) if harmful_path.exists() else None
-    benign = load_anchor(benign_path, require_answer=False) if benign_path.exists() else None
-    if harmful is None or benign is None:  # neither a flag nor the test bed's split
+
+    def bundled() -> tuple[list[str], list[Any]]:
         from beear import zoo
 
-        try:
-            held_h, held_b = zoo.bundled_eval_sets()
-        except (FileNotFoundError, ImportError) as e:  # a missing wheel: names the pip command
-            raise UsageError(
-                f"no held-out data beside the model and no bundled set ({e}); pass --harmful "
-                "and --benign FILE"
-            ) from None
-        used = ([f"{len(held_h)} harmful prompts"] if harmful is None else []) + (
-            [f"{len(held_b)} benign tasks"] if benign is None else []
-        )
-        print(f"beear: {model_dir} brings no held-out data; using the bundled held-out set "
-              f"({', '.join(used)}, none in the bundled defender set)", file=sys.stderr)  # fmt: skip
-        harmful = held_h if harmful is None else harmful
-        benign = held_b if benign is None else benign
+        return zoo.bundled_eval_sets()
+
+    harmful, benign = _fill_from_bundled(
+        [(load_prompts(harmful_path) if harmful_path.exists() else None, "harmful prompts"),
+         (load_anchor(benign_path, require_answer=False) if benign_path.exists() else None,
+          "benign tasks")],
+        bundled,
+        missing="no held-out data beside the model and no bundled set ({e}); pass --harmful "
+        "and --benign FILE",
+        said=f"beear: {model_dir} brings no held-out data; using the bundled held-out set "
+        "({used}, none in the bundled defender set)",
+    )  # fmt: skip
     return harmful, benign
 
 
@@ -388,22 +405,23 @@ def _defender_sets(
             raise UsageError(f"{flag} {given} does not exist")
     defender = load_harmful(h) if h.exists() else None
     anchor = (load_anchor(a) if a.exists() else None) if need_anchor else []
-    if defender is None or anchor is None:
+
+    model_tok = loaded
+    if defender is None or anchor is None:  # the bundled anchoring answers are the model's own
+        model_tok = loaded or _load(args, model_dir, device)
+
+    def bundled() -> tuple[list[Any], list[Any]]:
         from beear import zoo
 
-        model, tok = loaded or _load(args, model_dir, device)
-        try:
-            default_h, default_a = zoo.bundled_defender_sets(model, tok, with_anchor=anchor is None)
-        except (FileNotFoundError, ImportError) as e:  # a missing wheel: names the pip command
-            raise UsageError(f"no defender data beside the model and no bundled set: {e}") from None
-        del model
-        used = ([f"{len(default_h)} harmful prompts"] if defender is None else []) + (
-            [f"{len(default_a)} anchoring answers by the model itself"] if anchor is None else []
-        )
-        print(f"beear: {model_dir} brings no defender data; using the bundled default set "
-              f"({', '.join(used)})", file=sys.stderr)  # fmt: skip
-        defender = default_h if defender is None else defender
-        anchor = default_a if anchor is None else anchor
+        assert model_tok is not None
+        return zoo.bundled_defender_sets(*model_tok, with_anchor=anchor is None)
+
+    defender, anchor = _fill_from_bundled(
+        [(defender, "harmful prompts"), (anchor, "anchoring answers by the model itself")],
+        bundled,
+        missing="no defender data beside the model and no bundled set: {e}",
+        said=f"beear: {model_dir} brings no defender data; using the bundled default set ({{used}})",
+    )
     return defender, anchor
 
 
