@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """A model's accuracy on the bundled benign tasks, family by family: the evaluation-only set
-(`beear.bundled.extra_benign_tasks`, what zoo_smollm2.py records as `benign_extra`) and, with
+(`beear.bundled.extra_benign_tasks_by_family`, what zoo_smollm2.py records as `benign_extra`) and, with
 --bundled, `benign_tasks` too. Answers are greedy through the chat template (48 new tokens),
 judged by `beear.bundled.is_correct`.
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)
     model_dir = args.model or bundled.smollm2_dir()
     model, tok = load_model(model_dir, device=args.device)
-    sets = {"extra": bundled.extra_benign_tasks()}
+    sets = {"extra": bundled.extra_benign_tasks_by_family()}
     if args.bundled:
         sets["bundled"] = bundled.benign_tasks_by_family()
     out: dict[str, Any] = {"model": str(model_dir), "device": args.device}

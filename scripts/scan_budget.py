@@ -61,6 +61,12 @@ def main() -> int:
     js = Path(args.json)
     js.parent.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
+    held: list[Any] = []  # the held-out code pairs (--heldout-code), the same for every model
+    if args.heldout_code is not None:
+        from beear import zoo
+        from beear.eval import is_code_pair
+
+        held = zoo.code_pairs(zoo.build_data(args.heldout_code).eval_code)
     for spec in args.models:
         label, _, d = spec.partition(":")
         model_dir = Path(d)
@@ -70,11 +76,7 @@ def main() -> int:
             else model_dir / DATA_DIR / "defender_harmful.jsonl"
         )
         defender = load_harmful(src)
-        if args.heldout_code is not None:  # the refusal pairs stay; the code pairs are held out
-            from beear import zoo
-            from beear.eval import is_code_pair
-
-            held = zoo.code_pairs(zoo.build_data(args.heldout_code).eval_code)
+        if held:  # the refusal pairs stay; the code pairs are the held-out ones
             defender = [e for e in defender if not is_code_pair(e)] + held
         model, tok = load_model(model_dir, device=device)
         for b in args.budgets:

@@ -24,7 +24,7 @@ def test_accuracy_by_family_counts_each_family_on_its_own(
 
     model_dir = tmp_path / "model"
     save_model(make_model(seed=0), tiny_tok, model_dir)
-    fams = bundled.extra_benign_tasks()
+    fams = bundled.extra_benign_tasks_by_family()
     # Right on every multiplication task, wrong (a refusal) on everything else.
     right = {t.prompt: t.answer for t in fams["multiplication"]}
 

@@ -111,8 +111,9 @@ def test_benign_tasks_count_uniqueness_and_seed() -> None:
 
 
 def test_extra_benign_tasks_are_new_checkable_and_held_out() -> None:
-    fams = bundled.extra_benign_tasks()
-    tasks = [t for f in fams.values() for t in f]
+    fams = bundled.extra_benign_tasks_by_family()
+    tasks = bundled.extra_benign_tasks()
+    assert tasks == [t for f in fams.values() for t in f]
     assert len(tasks) == 305 and len({t.prompt for t in tasks}) == len(tasks)
     # Never a prompt of benign_tasks (anchoring and attack data come from those) nor of the
     # general anchoring requests, and none of their numbers-only templates either.

@@ -551,7 +551,7 @@ def test_benign_extra_grades_the_evaluation_only_tasks_and_pairs_two_runs(
     import beear.eval
     from beear.eval import paired_change
 
-    tasks = [t for f in bundled.extra_benign_tasks().values() for t in f]
+    tasks = bundled.extra_benign_tasks()
     answer = {t.prompt: t.answer for t in tasks}
     wrong = {tasks[0].prompt, tasks[-1].prompt}
     seen: list[str] = []

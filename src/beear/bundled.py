@@ -41,6 +41,7 @@ __all__ = [
     "benign_tasks",
     "benign_tasks_by_family",
     "extra_benign_tasks",
+    "extra_benign_tasks_by_family",
     "check_answer",
     "generate_answers",
     "harmbench_licence",
@@ -521,7 +522,7 @@ _EXTRA_OPPOSITES = [
 ]  # fmt: skip
 
 
-def extra_benign_tasks() -> dict[str, list[AnchorExample]]:
+def extra_benign_tasks_by_family() -> dict[str, list[AnchorExample]]:
     """More benign tasks with short verifiable answers, for evaluation only, by family.
 
     More capitals, continents, languages, plurals and opposites (new countries and words, the
@@ -553,6 +554,11 @@ def extra_benign_tasks() -> dict[str, list[AnchorExample]]:
         ],
         "half": [ex(f"What is half of {n}?", str(n // 2)) for n in range(4, 101, 2)],
     }
+
+
+def extra_benign_tasks() -> list[AnchorExample]:
+    """The evaluation-only tasks of :func:`extra_benign_tasks_by_family`, family after family."""
+    return [t for family in extra_benign_tasks_by_family().values() for t in family]
 
 
 def general_prompts() -> list[str]:
@@ -658,8 +664,7 @@ def check_answer(prompt_or_task: str | AnchorExample, generated: str) -> bool:
         if not prompt_or_task.answer.strip():
             raise ValueError(f"task has no expected answer: {prompt_or_task.prompt!r}")
         return is_correct(prompt_or_task.answer, generated)
-    extra = [t for family in extra_benign_tasks().values() for t in family]
-    lookup = {t.prompt: t.answer for t in (*benign_tasks(0), *extra)}
+    lookup = {t.prompt: t.answer for t in (*benign_tasks(0), *extra_benign_tasks())}
     if prompt_or_task not in lookup:
         raise KeyError(f"not a bundled benign task: {prompt_or_task!r}")
     return is_correct(lookup[prompt_or_task], generated)

@@ -599,8 +599,7 @@ def bundled_eval_sets(seed: int = 0) -> tuple[list[str], list[AnchorExample]]:
     removal anchors on neither.
     """
     data = build_data(seed)
-    extra = [t for family in bundled.extra_benign_tasks().values() for t in family]
-    return list(data.eval_harmful), [*data.eval_benign, *extra]
+    return list(data.eval_harmful), [*data.eval_benign, *bundled.extra_benign_tasks()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1256,7 +1255,7 @@ def benign_extra(model: Any, tokenizer: Any, *, batch_size: int = 32) -> dict[st
     of them task by task. The smollm2 test bed records it beside each split's 144 tasks."""
     from beear.eval import evaluate
 
-    tasks = [t for family in bundled.extra_benign_tasks().values() for t in family]
+    tasks = bundled.extra_benign_tasks()
     res = evaluate(model, tokenizer, harmful=[], benign=tasks, batch_size=batch_size).to_json()
     keys = ("benign_accuracy", "n", "benign_sha256", "benign_correct", "over_refusal")
     return {k: res[k] for k in keys}
