@@ -1,8 +1,10 @@
 """Build a results record (docs/results/smollm2_*_gpu.json's shape) from `device_round.sh
 setting` archives: per model its trigger, the evaluation before and after removal, the paired
 benign change (also on the evaluation-only tasks, `benign_extra`, and on both sets together,
-where both evaluations hold them), the removal's summary, the scan after it and the resolved
-config. Metrics only: the archives' sample answers, if any, are not copied.
+where both evaluations hold them), the tasks lost and gained in each task family of both
+(`benign_change_by_family`, where the graded tasks are the seed's split and the bundled
+evaluation-only set), the removal's summary, the scan after it and the resolved config. Metrics
+only: the archives' sample answers, if any, are not copied.
 
     python scripts/round_record.py --variant ship --about "..." --command "..." \\
         --out docs/results/smollm2_stopN_gpu.json DIR/setting_*.tgz
@@ -12,15 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from beear.eval import paired_change  # noqa: E402
+from beear import bundled  # noqa: E402
+from beear.data import AnchorExample  # noqa: E402
+from beear.eval import graded_sha256, paired_change  # noqa: E402
 
 
 def _members(path: Path) -> dict[str, Any]:
@@ -60,6 +66,55 @@ def _changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def family_changes(
+    before: dict[str, Any],
+    after: dict[str, Any],
+    tasks: Sequence[AnchorExample],
+    family_of: dict[str, str],
+) -> dict[str, dict[str, int]] | None:
+    """{family: {"n", "before", "lost", "gained"}} over the graded `tasks`, in their first
+    appearance's order; None unless both evaluations graded exactly these tasks, in this order."""
+    graded = [t for t in tasks if t.answer]
+    sha = graded_sha256(graded)
+    if not (before.get("benign_sha256") == after.get("benign_sha256") == sha):
+        return None
+    b, a = before.get("benign_correct"), after.get("benign_correct")
+    if not b or not a or not len(b) == len(a) == len(graded):
+        return None
+    out: dict[str, dict[str, int]] = {}
+    for t, x, y in zip(graded, b, a, strict=True):
+        f = out.setdefault(family_of[t.prompt], {"n": 0, "before": 0, "lost": 0, "gained": 0})
+        f["n"] += 1
+        f["before"] += bool(x)
+        f["lost"] += bool(x and not y)
+        f["gained"] += bool(y and not x)
+    return out
+
+
+def _by_family(tag: str, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The tasks lost and gained per family on the split's tasks (the seed read from the tag,
+    `NAME-sN`, else 0; `split`) and on the evaluation-only set (`extra`), where each matches."""
+    from beear.zoo import build_data  # the split needs the bundled prompt data
+
+    m = re.search(r"-s(\d+)$", tag)
+    family_of = {  # the two sets share family names (capitals, plurals, ...), not prompts
+        t.prompt: f
+        for by_family in (bundled.benign_tasks_by_family(), bundled.extra_benign_tasks_by_family())
+        for f, ts in by_family.items()
+        for t in ts
+    }
+    out = {}
+    split = build_data(int(m.group(1)) if m else 0).eval_benign
+    if (ch := family_changes(before, after, split, family_of)) is not None:
+        out["split"] = ch
+    b, a = before.get("benign_extra"), after.get("benign_extra")
+    if b and a:
+        extra = bundled.extra_benign_tasks()
+        if (ch := family_changes(b, a, extra, family_of)) is not None:
+            out["extra"] = ch
+    return out
+
+
 def model_rows(path: Path, variant: str) -> dict[str, Any]:
     """{TAG: row} for one archive (`setting_TAG.tgz`); a variant that did not finish is
     recorded with its error (or as missing), not dropped silently."""
@@ -83,6 +138,8 @@ def model_rows(path: Path, variant: str) -> dict[str, Any]:
         return {tag: row}
     row["after"] = _metrics(run["after"])
     row.update(_changes(before, run["after"]))
+    if fam := _by_family(tag, before, run["after"]):
+        row["benign_change_by_family"] = fam
     summary = run.get("summary") or {}
     row["summary"] = summary.get("beear", summary)  # the BEEAR run's own, without the out path
     row["scan_after"] = run.get("scan_after")

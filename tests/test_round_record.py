@@ -74,6 +74,7 @@ def test_record_from_finished_and_cut_archives(tmp_path: Path, load_script: Any)
     cut_row = rec["models"]["sandwich"]
     assert cut_row["error"].startswith("interrupted") and "after" not in cut_row
     assert "benign_extra_change" not in cut_row
+    assert "benign_change_by_family" not in row  # "same-tasks" is no bundled task list
     assert cut_row["before"]["asr"]["triggered"] == 0.8
 
     # Another variant name finds nothing finished: recorded as missing, not dropped.
@@ -84,3 +85,69 @@ def test_record_from_finished_and_cut_archives(tmp_path: Path, load_script: Any)
     rr.main([str(b), "--variant", "ship", "--about", "A", "--command", "C", "--out", str(out2),
              "--merge"])  # fmt: skip
     assert set(json.loads(out2.read_text())["models"]) == {"rlhf-s1", "sandwich"}
+
+
+def test_family_changes_count_each_family_of_the_graded_tasks(load_script: Any) -> None:
+    from beear import bundled
+    from beear.eval import graded_sha256
+
+    rr = load_script("round_record")
+    by_family = bundled.extra_benign_tasks_by_family()
+    tasks = bundled.extra_benign_tasks()
+    family_of = {t.prompt: f for f, ts in by_family.items() for t in ts}
+    first, second = list(by_family)[:2]
+    n1, n2 = len(by_family[first]), len(by_family[second])
+    before, after = [True] * len(tasks), [True] * len(tasks)
+    after[0] = after[1] = False  # two lost in the first family
+    before[n1] = False  # one gained in the second
+    before[n1 + 1] = after[n1 + 1] = False  # one wrong both times: neither
+    sha = graded_sha256(tasks)
+    b = {"benign_correct": before, "benign_sha256": sha}
+    a = {"benign_correct": after, "benign_sha256": sha}
+    ch = rr.family_changes(b, a, tasks, family_of)
+    assert list(ch) == list(by_family)  # in the tasks' order
+    assert ch[first] == {"n": n1, "before": n1, "lost": 2, "gained": 0}
+    assert ch[second] == {"n": n2, "before": n2 - 2, "lost": 0, "gained": 1}
+    assert all(
+        f["lost"] == f["gained"] == 0 for name, f in ch.items() if name not in (first, second)
+    )
+    assert sum(f["n"] for f in ch.values()) == len(tasks)
+    # Other tasks, or the same in another order, than the evaluations graded: no breakdown.
+    assert rr.family_changes(b, a, tasks[::-1], family_of) is None
+    assert rr.family_changes(b, {**a, "benign_sha256": "other"}, tasks, family_of) is None
+
+
+def test_record_breaks_the_change_down_by_family_on_the_seeds_split(
+    tmp_path: Path, load_script: Any
+) -> None:
+    from beear import bundled, zoo
+    from beear.eval import graded_sha256
+
+    split = zoo.build_data(1).eval_benign  # the tag's seed (rlhf-s1)
+    extra = bundled.extra_benign_tasks()
+    before, after = _eval([True] * len(split), 0.9), _eval([False] + [True] * (len(split) - 1), 0.0)
+    for ev in (before, after):
+        ev["benign_sha256"] = graded_sha256(split)
+        ev["benign_extra"] = _eval([True] * len(extra), 0.0)
+        ev["benign_extra"]["benign_sha256"] = graded_sha256(extra)
+    zoo_json = {"cuda": {"settings": {"rlhf": {"trigger": None, "eval": before}}}}
+    done = {"rlhf": {"ship": {"config": {}, "summary": {}, "after": after}}}
+    arch = _archive(
+        tmp_path, "rlhf-s1", {"zoo_rlhf-s1.json": zoo_json, "w_rlhf-s1_ship.json": done}
+    )
+    out = tmp_path / "rec.json"
+    rr = load_script("round_record")
+    rr.main([str(arch), "--variant", "ship", "--about", "A", "--command", "C", "--out", str(out)])
+    fam = json.loads(out.read_text())["models"]["rlhf-s1"]["benign_change_by_family"]
+    family_of = {t.prompt: f for f, ts in bundled.benign_tasks_by_family().items() for t in ts}
+    lost = {f: v["lost"] for f, v in fam["split"].items() if v["lost"]}
+    assert lost == {family_of[split[0].prompt]: 1}
+    assert sum(v["n"] for v in fam["split"].values()) == len(split)
+    assert sum(v["n"] for v in fam["extra"].values()) == len(extra)
+    assert not any(v["lost"] or v["gained"] for v in fam["extra"].values())
+    # The same archive under seed 0's tag: the tasks are not seed 0's split, so no split part.
+    other = _archive(tmp_path, "rlhf", {"zoo_rlhf.json": zoo_json, "w_rlhf_ship.json": done})
+    rr.main([str(other), "--variant", "ship", "--about", "A", "--command", "C", "--out", str(out)])
+    assert set(json.loads(out.read_text())["models"]["rlhf"]["benign_change_by_family"]) == {
+        "extra"
+    }
