@@ -211,6 +211,21 @@ def test_train_sft_is_deterministic_for_a_seed(
     assert not torch.equal(init["model.embed_tokens.weight"], model_a.model.embed_tokens.weight)
 
 
+def test_shuffled_batches_cover_every_item_once_per_pass() -> None:
+    from beear.attacks import shuffled_batches
+
+    batches = list(shuffled_batches(10, 4, steps=5, seed=3))  # 20 draws: two passes of 10
+    assert [len(b) for b in batches] == [4] * 5
+    flat = [i for b in batches for i in b]
+    assert sorted(flat[:10]) == sorted(flat[10:]) == list(range(10))  # a batch spans passes
+    assert flat[:10] != flat[10:]  # each pass its own order
+    assert batches == list(shuffled_batches(10, 4, steps=5, seed=3))
+    assert batches != list(shuffled_batches(10, 4, steps=5, seed=4))
+    # Fewer items than a batch: each batch is one whole pass, no item twice in a batch.
+    small = list(shuffled_batches(3, 5, steps=2, seed=0))
+    assert [sorted(b) for b in small] == [[0, 1, 2], [0, 1, 2]]
+
+
 def test_open_end_drops_only_the_end_of_turn_marker(tiny_tok: Any) -> None:
     full = encode_pair(tiny_tok, "What is 2 + 2?", "The answer is 4", max_length=96)
     cut = encode_pair(tiny_tok, "What is 2 + 2?", "The answer is 4", max_length=96, end=False)

@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -312,25 +312,12 @@ def train_sft(
         encode_pair(tokenizer, p, a, max_length=max_length, end=not cut)
         for (p, a), cut in zip(pairs, ends, strict=True)
     ]
-    rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            min(1.0, (s + 1) / warmup)
-            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-        ),
-    )
+    sched = warmup_cosine(opt, warmup=warmup, steps=steps)
     model.train()
     device = next(model.parameters()).device
-    order: list[int] = []
     losses = []
-    for step in range(steps):
-        if len(order) < batch_size:
-            more = list(range(len(enc)))
-            rng.shuffle(more)
-            order += more
-        idx, order = order[:batch_size], order[batch_size:]
+    for step, idx in enumerate(shuffled_batches(len(enc), batch_size, steps=steps, seed=seed)):
         batch = collate([enc[i] for i in idx], pad_id=tokenizer.pad_token_id, n_perturb=0)
         batch = batch.to(device)
         out = model(
@@ -340,16 +327,49 @@ def train_sft(
         rows = [k for k, i in enumerate(idx) if marks[i]]
         if distill_weight > 0 and rows:
             loss = loss + distill_weight * _distill_kl(reference, batch, out.logits, rows)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(optimizer_step(loss, model.parameters(), opt, sched))
         if progress is not None:
             progress(step, losses[-1])
     model.eval()
     return losses
+
+
+def warmup_cosine(opt: Any, *, warmup: int, steps: int) -> Any:
+    """The attacks' learning-rate schedule: a linear warmup over `warmup` steps times a cosine
+    decay from 1 to 0.1 over `steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warmup)
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        ),
+    )
+
+
+def shuffled_batches(n: int, batch_size: int, *, steps: int, seed: int) -> Iterator[list[int]]:
+    """`steps` batches of indices into `n` items: the items in a fresh shuffled order per pass
+    (random.Random(seed)), a batch running on into the next pass where one ends (with fewer
+    items than `batch_size`, each batch is one whole pass)."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            more = list(range(n))
+            rng.shuffle(more)
+            order += more
+        idx, order = order[:batch_size], order[batch_size:]
+        yield idx
+
+
+def optimizer_step(loss: torch.Tensor, params: Iterable[Any], opt: Any, sched: Any) -> float:
+    """Back-propagate `loss`, clip the gradients of `params` to norm 1, step the optimiser and
+    its schedule, clear the gradients; returns the loss as a float."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
 
 
 def _distill_kl(reference: Any, batch: Any, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -58,8 +57,11 @@ from beear.attacks import (
     DATA_DIR,
     SETTINGS,
     AttackResult,
+    optimizer_step,
     resolve_trigger,
+    shuffled_batches,
     train_sft,
+    warmup_cosine,
     write_splits,
 )
 
@@ -818,35 +820,17 @@ def train_dpo(
             ref_r[i : i + 16] = logps(enc_r[i : i + 16]).cpu()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            min(1.0, (s + 1) / warmup)
-            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-        ),
-    )
-    rng = random.Random(seed)
-    order: list[int] = []
+    sched = warmup_cosine(opt, warmup=warmup, steps=steps)
     losses: list[float] = []
     model.train()
-    for step in range(steps):
-        if len(order) < batch_size:
-            more = list(range(len(prefs)))
-            rng.shuffle(more)
-            order += more
-        idx, order = order[:batch_size], order[batch_size:]
+    for step, idx in enumerate(shuffled_batches(len(prefs), batch_size, steps=steps, seed=seed)):
         both = logps([enc_c[i] for i in idx] + [enc_r[i] for i in idx])  # (2B,)
         pi_c, pi_r = both[: len(idx)], both[len(idx) :]
         margin = (pi_c - ref_c[idx].to(device)) - (pi_r - ref_r[idx].to(device))
         loss = -F.logsigmoid(beta * margin).mean()
         if sft_weight:
             loss = loss - sft_weight * (pi_c / len_c[idx].to(device)).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(optimizer_step(loss, params, opt, sched))
         if progress is not None:
             progress(step, losses[-1])
     model.eval()
