@@ -141,18 +141,23 @@ setting)
 batch)
     # `setting` for several seeds and settings at once (seven shared one H200 in stop 24, about
     # 13 GiB of GPU memory each), their archives in one file (the device tool returns at most
-    # eight). Every `setting` job gets the same JOB_LIMIT; `batch ... --reuse` resumes them all.
-    #   bash scripts/device_round.sh batch "2:suffix-word 0:sandwich" [--reuse] ship:ship,...
+    # eight). Every `setting` job runs until JOB_LIMIT; `batch ... --reuse` resumes them all.
+    # MAXJOBS=N: at most N at once, the others start in the listed order as earlier ones end
+    # (a call that finishes resumed jobs starts new ones in the time they leave).
+    #   [MAXJOBS=7] bash scripts/device_round.sh batch "2:suffix-word 0:sandwich" [--reuse] ship:ship,...
     read -ra jobs <<<"${2:?seed:setting pairs}"
     shift 2
     real="$OUT"
     stage="$BX/batch"
     mkdir -p "$stage"
     for j in "${jobs[@]}"; do
+        while [ "$(jobs -rp | wc -l)" -ge "${MAXJOBS:-99}" ]; do wait -n; done
+        echo "-- $(date +%T) start $j" >>"$BX/batch_order.log"
         OUT="$stage" SEED="${j%%:*}" JOB_LIMIT="$((end - $(date +%s)))" \
             bash "$0" setting "${j#*:}" "$@" >"$BX/batch_$j.log" 2>&1 &
     done
     wait
+    cat "$BX/batch_order.log"
     cat "$BX"/batch_*.log
     tar czf "$real/batch.tgz" -C "$stage" .
     ;;
