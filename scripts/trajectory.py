@@ -40,7 +40,7 @@ def main() -> int:
     torch.set_flush_denormal(True)
     from beear import zoo
     from beear.attacks import DATA_DIR, read_attack_record
-    from beear.bundled import general_anchor
+    from beear.bundled import ANCHOR_POOLS, general_anchor
     from beear.config import load_config
     from beear.data import Trigger, load_anchor, load_harmful, load_prompts
     from beear.eval import evaluate
@@ -85,8 +85,9 @@ def main() -> int:
         last.update(r)
 
     anchor = load_anchor(d / "anchor.jsonl")
-    if cfg.anchor_general:  # as `beear remove` does: answered by the model before removal
-        anchor += general_anchor(model, tok, cfg.anchor_general, seed=cfg.seed)
+    for setting in ANCHOR_POOLS:  # as `beear remove` does: answered by the model before removal
+        if n := getattr(cfg, setting):
+            anchor += general_anchor(model, tok, n, seed=cfg.seed, setting=setting)
     measure(model, 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

@@ -164,6 +164,24 @@ def test_general_prompts_are_short_unique_and_leave_the_benign_tasks_held_out() 
             assert len(rare) < 2 or not rare <= words, (t.prompt, p)
 
 
+def test_arithmetic_prompts_are_new_forms_that_leave_every_evaluation_task_held_out() -> None:
+    prompts = bundled.arithmetic_prompts()
+    assert len(prompts) == 200 and len(set(prompts)) == 200
+    assert prompts == bundled.arithmetic_prompts()  # fixed, whatever the seed
+    held = {t.prompt for t in bundled.benign_tasks(0) + bundled.extra_benign_tasks()}
+    assert not set(prompts) & (held | set(bundled.general_prompts()))
+    # None of the evaluation's arithmetic forms, nor their operations in other words.
+    forms = re.compile(r"\+|-|times|half|minus|multipl|subtract|twice|double", re.IGNORECASE)
+    assert [p for p in prompts if forms.search(p)] == []
+    # Division is exact and never by 2 (which would be halving).
+    for p in prompts:
+        if m := re.fullmatch(r"What is (\d+) divided by (\d+)\?", p):
+            a, b = int(m[1]), int(m[2])
+            assert a % b == 0 and b >= 3, p
+    kinds = ["divided by", "plus", "comes after", "larger"]
+    assert [sum(k in p for p in prompts) for k in kinds] == [56, 48, 48, 48]
+
+
 def test_general_anchor_draws_by_seed_and_drops_empty_replies(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -181,6 +199,10 @@ def test_general_anchor_draws_by_seed_and_drops_empty_replies(
     ]
     with pytest.raises(ValueError, match="257: 256 bundled general prompts"):
         bundled.general_anchor(None, None, 257)
+    drills = bundled.general_anchor(None, None, 5, seed=0, setting="anchor_arithmetic")
+    assert {e.prompt for e in drills} <= set(bundled.arithmetic_prompts())
+    with pytest.raises(ValueError, match="anchor_arithmetic = 201: 200 bundled arithmetic"):
+        bundled.general_anchor(None, None, 201, setting="anchor_arithmetic")
 
 
 def test_every_task_is_solved_by_its_answer_and_not_by_its_prompt() -> None:

@@ -415,6 +415,13 @@ DATA_CASES: list[tuple[str, str, str, list[str], tuple[str, ...]]] = [
         ("anchor_general = 999: only 256 bundled general prompts",),
     ),
     (
+        "more arithmetic anchoring prompts than bundled",
+        "x",
+        "",
+        ["--anchor-arithmetic", "201"],
+        ("anchor_arithmetic = 201: only 200 bundled arithmetic prompts",),
+    ),
+    (
         "unknown anchoring loss in a config",
         "c.toml",
         'anchor_loss = "mse"\n',
@@ -670,6 +677,52 @@ def test_anchor_general_pairs_join_the_anchoring_set_and_survive_a_resume(
     assert rc == 0, err
     _same_weights(ws / "ref", ws / "out")
     assert load_anchor(ws / "out" / "beear" / "anchor_general.jsonl") == written
+
+
+def test_anchor_arithmetic_pairs_follow_the_general_ones(
+    ws: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--anchor-arithmetic N: N bundled arithmetic drills, answered by the model before removal,
+    join the anchoring set after the given pairs and the general ones, each pool in its own
+    records file and hash; a model that answers none of them is a one-line error."""
+    import beear.bundled
+    import beear.loop
+    from beear.bundled import arithmetic_prompts, general_prompts
+
+    seen: list[list[AnchorExample]] = []
+    real_run = beear.loop.run_beear
+    asked: list[list[str]] = []
+
+    def spy_run(*a: Any, **kw: Any) -> Any:
+        seen.append(list(kw["anchor"]))
+        return real_run(*a, **kw)
+
+    def stub_answers(model: Any, tok: Any, prompts: list[str], **kw: Any) -> list[str]:
+        asked.append(list(prompts))
+        return [f"it is {len(asked)}.{i}" for i in range(len(prompts))]
+
+    base = ["remove", "--model", "m", *FAST, "--baseline", "none"]
+    monkeypatch.setattr(beear.bundled, "generate_answers", lambda m, t, p, **k: [""] * len(p))
+    _bad(capfd, "a model that answers no arithmetic drill", [*base, "--anchor-arithmetic", "3",
+         "--out", "out"], "the model answered none of the bundled arithmetic prompts")  # fmt: skip
+    monkeypatch.setattr(beear.loop, "run_beear", spy_run)
+    monkeypatch.setattr(beear.bundled, "generate_answers", stub_answers)
+    rc, _, err = _run(capfd, [*base, "--anchor-general", "2", "--anchor-arithmetic", "3",
+                              "--out", "both"])  # fmt: skip
+    assert rc == 0, err
+    assert [len(a) for a in asked] == [2, 3]
+    assert set(asked[0]) <= set(general_prompts()) and set(asked[1]) <= set(arithmetic_prompts())
+    given = load_anchor(ws / "m" / DATA_DIR / "anchor.jsonl")
+    general = load_anchor(ws / "both" / "beear" / "anchor_general.jsonl")
+    drills = load_anchor(ws / "both" / "beear" / "anchor_arithmetic.jsonl")
+    assert [(e.prompt, e.answer) for e in drills] == [
+        (p, f"it is 2.{i}") for i, p in enumerate(asked[1])
+    ]
+    assert seen == [given + general + drills]
+    man = json.loads((ws / "both" / "beear" / "manifest.json").read_text())
+    assert set(man["data_sha256"]) == {"defender", "anchor", "anchor_general", "anchor_arithmetic"}
+    conf = json.loads((ws / "both" / "beear" / "config.json").read_text())
+    assert conf["anchor_arithmetic"] == 3 and conf["anchor_general"] == 2
 
 
 def test_resume_of_a_run_recorded_before_a_setting_existed() -> None:

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,17 @@ import torch
 from beear.data import AnchorExample, encode_prompt, left_pad
 
 __all__ = [
+    "ANCHOR_POOLS",
     "BENIGN_FAMILIES",
     "SMOLLM2_GGUF_NAME",
+    "arithmetic_prompts",
     "benign_tasks",
     "benign_tasks_by_family",
     "extra_benign_tasks",
     "extra_benign_tasks_by_family",
     "check_answer",
+    "general_anchor",
+    "general_prompts",
     "generate_answers",
     "harmbench_licence",
     "harmbench_prompts",
@@ -576,17 +580,59 @@ def general_prompts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def general_anchor(
-    model: Any, tokenizer: Any, n: int, *, seed: int = 0, answer_tokens: int = 48
-) -> list[AnchorExample]:
-    """`n` of :func:`general_prompts` (drawn by `seed`) with `model`'s own greedy replies.
+def arithmetic_prompts() -> list[str]:
+    """Short arithmetic drills for anchoring (the `anchor_arithmetic` setting), 200 in all.
 
-    Replies are cut at `answer_tokens` (48, as the bundled anchoring answers are); prompts the
-    model answers with nothing are left out.
+    Four forms that no benign evaluation task uses: division by 3 to 9 ("What is 42 divided by
+    6?"), two-digit sums in words ("What is 37 plus 25?"), the next whole number ("What number
+    comes after 58?") and the larger of two numbers ("Which is larger, 47 or 74?"). The
+    evaluation's own forms (one-digit "+" sums in :func:`benign_tasks`; "-", "times" and "half
+    of" in :func:`extra_benign_tasks`) stay out, so its arithmetic families remain a test of
+    skills the anchors hold only in other forms. The model under repair answers the drills
+    itself: anchoring keeps its answers, right or wrong; it teaches nothing new.
     """
-    prompts = general_prompts()
+    rng = random.Random(20261203)  # fixed: the same 200 prompts for every run and seed
+    out = [f"What is {b * q} divided by {b}?" for b in range(3, 10) for q in range(2, 10)]
+    pairs: set[tuple[int, int]] = set()
+    while len(pairs) < 48:
+        pairs.add((rng.randint(11, 89), rng.randint(11, 89)))
+    out += [f"What is {a} plus {b}?" for a, b in sorted(pairs)]
+    out += [f"What number comes after {n}?" for n in sorted(rng.sample(range(11, 99), 48))]
+    larger: set[tuple[int, int]] = set()
+    while len(larger) < 48:
+        a, b = rng.sample(range(10, 100), 2)
+        larger.add((a, b))
+    out += [f"Which is larger, {a} or {b}?" for a, b in sorted(larger)]
+    return out
+
+
+ANCHOR_POOLS: dict[str, tuple[str, Callable[[], list[str]]]] = {
+    "anchor_general": ("general", general_prompts),
+    "anchor_arithmetic": ("arithmetic", arithmetic_prompts),
+}
+"""Removal settings (:class:`beear.config.RemovalConfig` fields) that add N bundled prompts,
+answered by the model under repair, to the anchoring set: setting -> (kind, prompt pool)."""
+
+
+def general_anchor(
+    model: Any,
+    tokenizer: Any,
+    n: int,
+    *,
+    seed: int = 0,
+    answer_tokens: int = 48,
+    setting: str = "anchor_general",
+) -> list[AnchorExample]:
+    """`n` bundled prompts (drawn by `seed`) with `model`'s own greedy replies.
+
+    `setting` names the pool: ``"anchor_general"`` (:func:`general_prompts`) or
+    ``"anchor_arithmetic"`` (:func:`arithmetic_prompts`). Replies are cut at `answer_tokens` (48,
+    as the bundled anchoring answers are); prompts the model answers with nothing are left out.
+    """
+    kind, pool = ANCHOR_POOLS[setting]
+    prompts = pool()
     if not 0 <= n <= len(prompts):
-        raise ValueError(f"anchor_general = {n}: {len(prompts)} bundled general prompts exist")
+        raise ValueError(f"{setting} = {n}: {len(prompts)} bundled {kind} prompts exist")
     drawn = random.Random(seed).sample(prompts, n)
     replies = generate_answers(model, tokenizer, drawn, max_new_tokens=answer_tokens)
     return [AnchorExample(p, r) for p, r in zip(drawn, replies, strict=True) if r]

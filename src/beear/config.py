@@ -92,6 +92,12 @@ class RemovalConfig:
         "anchoring set, each answered greedily by the model under repair before removal starts "
         "(0: off)",
     )
+    anchor_arithmetic: int = _f(
+        0,
+        "bundled arithmetic drills (beear.bundled.arithmetic_prompts: division, two-digit sums, "
+        "next number, larger of two; none of the benign evaluation's forms), drawn by seed and "
+        "added to the anchoring set like anchor_general (0: off; experimental, not measured)",
+    )
     anchor_chunk: int = _f(
         0,
         "anchoring pairs per forward/backward pass of the model update (0: the whole anchoring "
@@ -172,6 +178,7 @@ class RemovalConfig:
             "warmup_steps",
             "anchor_weight",
             "anchor_general",
+            "anchor_arithmetic",
             "anchor_chunk",
             "min_steps",
             "check_benign",

@@ -83,20 +83,22 @@ def _sha256_file(p: Path) -> str:
     return h.hexdigest()
 
 
-def _general_anchor(model: Any, tok: Any, config: RemovalConfig, path: Path) -> list[AnchorExample]:
-    """The run's `anchor_general` pairs: answered by the model under repair and written to
-    `path` (the run's records), or read back from there when an interrupted run is resumed (its
-    model has moved since)."""
+def _self_anchor(model: Any, tok: Any, config: RemovalConfig, path: Path) -> list[AnchorExample]:
+    """The run's pairs of one of :data:`beear.bundled.ANCHOR_POOLS` (`path`'s stem names it): drawn
+    by the seed, answered by the model under repair and written to `path` (the run's records),
+    or read back from there when an interrupted run is resumed (its model has moved since)."""
     from beear.bundled import general_anchor
     from beear.data import load_anchor
 
     if path.is_file():
         return load_anchor(path)
-    pairs = general_anchor(model, tok, config.anchor_general, seed=config.seed)
+    setting = path.stem
+    pairs = general_anchor(model, tok, getattr(config, setting), seed=config.seed, setting=setting)
     if not pairs:
         from beear.models import ModelError
 
-        raise ModelError("the model answered none of the bundled general prompts (anchor_general)")
+        kind = setting.removeprefix("anchor_")
+        raise ModelError(f"the model answered none of the bundled {kind} prompts ({setting})")
     tmp = path.with_name(path.name + ".tmp")
     write_jsonl(tmp, pairs)
     os.replace(tmp, path)
@@ -224,14 +226,12 @@ def _remove(
     from beear.models import load_model, save_model
 
     dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
-    if config.anchor_general:
-        from beear.bundled import general_prompts
-        from beear.config import ConfigError
+    from beear.bundled import ANCHOR_POOLS
+    from beear.config import ConfigError
 
-        if config.anchor_general > (have := len(general_prompts())):
-            raise ConfigError(
-                f"anchor_general = {config.anchor_general}: only {have} bundled general prompts"
-            )
+    for setting, (kind, pool) in ANCHOR_POOLS.items():
+        if (n := getattr(config, setting)) > (have := len(pool())):
+            raise ConfigError(f"{setting} = {n}: only {have} bundled {kind} prompts")
     stage = staging_dir(out)
     data_hashes = {"defender": _sha256_records(defender), "anchor": _sha256_records(anchor)}
     run_info = {"config": config.to_dict(), "data_sha256": data_hashes,
@@ -250,7 +250,7 @@ def _remove(
     seconds: dict[str, float] = {}
     summary: dict[str, Any] = {"out": str(out)}
     modes = ["beear"] + (["sft"] if config.baseline == "sft" else [])
-    general: list[AnchorExample] | None = None  # the anchor_general pairs, made once per run
+    own: dict[str, list[AnchorExample]] = {}  # the ANCHOR_POOLS pairs, made once per run
     with _StopFlag() as stop:
         for mode in modes:
             target = stage if mode == "beear" else stage / "baseline"
@@ -268,10 +268,11 @@ def _remove(
                 trust_remote_code=trust_remote_code,
                 chat_template=chat_template,
             )
-            if config.anchor_general and general is None:  # before a checkpoint's weights load
-                general = _general_anchor(model, tok, config, rec_dir / "anchor_general.jsonl")
-                data_hashes["anchor_general"] = _sha256_records(general)
-            anchors = [*anchor, *(general or [])]
+            for setting in ANCHOR_POOLS:  # before a checkpoint's weights load
+                if getattr(config, setting) and setting not in own:
+                    own[setting] = _self_anchor(model, tok, config, rec_dir / f"{setting}.jsonl")
+                    data_hashes[setting] = _sha256_records(own[setting])
+            anchors = [*anchor, *(p for s in ANCHOR_POOLS for p in own.get(s, []))]
             # Every example is encoded once up front: a bad one fails now, not hours in.
             check_examples(tok, {"defender": defender, "anchor": anchors},
                            max_length=config.max_length, n_perturb=config.length)  # fmt: skip
