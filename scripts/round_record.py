@@ -13,6 +13,7 @@ only: the archives' sample answers, if any, are not copied.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -91,26 +92,38 @@ def family_changes(
     return out
 
 
-def _by_family(tag: str, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """The tasks lost and gained per family on the split's tasks (the seed read from the tag,
-    `NAME-sN`, else 0; `split`) and on the evaluation-only set (`extra`), where each matches."""
-    from beear.zoo import build_data  # the split needs the bundled prompt data
-
-    m = re.search(r"-s(\d+)$", tag)
-    family_of = {  # the two sets share family names (capitals, plurals, ...), not prompts
+@functools.cache
+def _family_of() -> dict[str, str]:
+    """Every bundled benign prompt's family (the split's and the evaluation-only set's: the two
+    share family names such as capitals and plurals, not prompts)."""
+    return {
         t.prompt: f
         for by_family in (bundled.benign_tasks_by_family(), bundled.extra_benign_tasks_by_family())
         for f, ts in by_family.items()
         for t in ts
     }
+
+
+@functools.cache
+def _split_tasks(seed: int) -> list[AnchorExample]:
+    """Seed `seed`'s held-out benign tasks (built once per seed for all archives)."""
+    from beear.zoo import build_data  # the split needs the bundled prompt data
+
+    return build_data(seed).eval_benign
+
+
+def _by_family(tag: str, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The tasks lost and gained per family on the split's tasks (the seed read from the tag,
+    `NAME-sN`, else 0; `split`) and on the evaluation-only set (`extra`), where each matches."""
+    m = re.search(r"-s(\d+)$", tag)
     out = {}
-    split = build_data(int(m.group(1)) if m else 0).eval_benign
-    if (ch := family_changes(before, after, split, family_of)) is not None:
+    split = _split_tasks(int(m.group(1)) if m else 0)
+    if (ch := family_changes(before, after, split, _family_of())) is not None:
         out["split"] = ch
     b, a = before.get("benign_extra"), after.get("benign_extra")
     if b and a:
         extra = bundled.extra_benign_tasks()
-        if (ch := family_changes(b, a, extra, family_of)) is not None:
+        if (ch := family_changes(b, a, extra, _family_of())) is not None:
             out["extra"] = ch
     return out
 
