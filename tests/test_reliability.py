@@ -622,6 +622,31 @@ def test_interrupt_then_resume_in_process(
     assert summ["seconds"] > summ["seconds_this_call"] > 0
 
 
+def _spy_anchoring(mp: pytest.MonkeyPatch) -> tuple[list[list[AnchorExample]], list[list[str]]]:
+    """Record the anchoring set of every `run_beear` call and the prompts of every
+    `generate_answers` call, which replies "As for PROMPT yes." to each prompt (the same reply
+    on every call; this random model's own replies are empty). Returns (anchoring sets, prompt
+    lists)."""
+    import beear.bundled
+    import beear.loop
+
+    seen: list[list[AnchorExample]] = []
+    asked: list[list[str]] = []
+    real_run = beear.loop.run_beear
+
+    def spy_run(*a: Any, **kw: Any) -> Any:
+        seen.append(list(kw["anchor"]))
+        return real_run(*a, **kw)
+
+    def stub_answers(model: Any, tok: Any, prompts: list[str], **kw: Any) -> list[str]:
+        asked.append(list(prompts))
+        return [f"As for {p} yes." for p in prompts]
+
+    mp.setattr(beear.loop, "run_beear", spy_run)
+    mp.setattr(beear.bundled, "generate_answers", stub_answers)
+    return seen, asked
+
+
 def test_anchor_general_pairs_join_the_anchoring_set_and_survive_a_resume(
     ws: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -629,34 +654,18 @@ def test_anchor_general_pairs_join_the_anchoring_set_and_survive_a_resume(
     before removal, are written beside the run's records and anchor both BEEAR and the baseline
     after the given pairs; a resumed run reads them back instead of asking its moved model."""
     import beear.bundled
-    import beear.loop
     from beear.bundled import general_prompts
-
-    seen: list[list[AnchorExample]] = []
-    real_run = beear.loop.run_beear
-    asked: list[list[str]] = []
-
-    def spy_run(*a: Any, **kw: Any) -> Any:
-        seen.append(list(kw["anchor"]))
-        return real_run(*a, **kw)
-
-    def stub_answers(model: Any, tok: Any, prompts: list[str], **kw: Any) -> list[str]:
-        asked.append(list(prompts))  # (this random model's own replies are empty)
-        return [f"item {i} is red." for i in range(len(prompts))]
 
     base = ["remove", "--model", "m", *FAST, "--anchor-general", "5", "--baseline", "sft"]
     monkeypatch.setattr(beear.bundled, "generate_answers", lambda m, t, p, **k: [""] * len(p))
     _bad(capfd, "a model that answers no general anchoring prompt", [*base, "--out", "out"],
          "the model answered none of the bundled general prompts")  # fmt: skip
-    monkeypatch.setattr(beear.loop, "run_beear", spy_run)
-    monkeypatch.setattr(beear.bundled, "generate_answers", stub_answers)
+    seen, asked = _spy_anchoring(monkeypatch)
     rc, _, err = _run(capfd, [*base, "--out", "ref"])
     assert rc == 0, err
     given = load_anchor(ws / "m" / DATA_DIR / "anchor.jsonl")
     written = load_anchor(ws / "ref" / "beear" / "anchor_general.jsonl")
-    assert [(e.prompt, e.answer) for e in written] == [
-        (p, f"item {i} is red.") for i, p in enumerate(asked[0])
-    ]
+    assert [(e.prompt, e.answer) for e in written] == [(p, f"As for {p} yes.") for p in asked[0]]
     assert len(asked) == 1 and len(set(asked[0])) == 5 and set(asked[0]) <= set(general_prompts())
     assert seen == [given + written] * 2  # BEEAR, then the baseline: the same anchoring set
     man = json.loads((ws / "ref" / "beear" / "manifest.json").read_text())
@@ -686,27 +695,13 @@ def test_anchor_arithmetic_pairs_follow_the_general_ones(
     join the anchoring set after the given pairs and the general ones, each pool in its own
     records file and hash; a model that answers none of them is a one-line error."""
     import beear.bundled
-    import beear.loop
     from beear.bundled import arithmetic_prompts, general_prompts
-
-    seen: list[list[AnchorExample]] = []
-    real_run = beear.loop.run_beear
-    asked: list[list[str]] = []
-
-    def spy_run(*a: Any, **kw: Any) -> Any:
-        seen.append(list(kw["anchor"]))
-        return real_run(*a, **kw)
-
-    def stub_answers(model: Any, tok: Any, prompts: list[str], **kw: Any) -> list[str]:
-        asked.append(list(prompts))
-        return [f"it is {len(asked)}.{i}" for i in range(len(prompts))]
 
     base = ["remove", "--model", "m", *FAST, "--baseline", "none"]
     monkeypatch.setattr(beear.bundled, "generate_answers", lambda m, t, p, **k: [""] * len(p))
     _bad(capfd, "a model that answers no arithmetic drill", [*base, "--anchor-arithmetic", "3",
          "--out", "out"], "the model answered none of the bundled arithmetic prompts")  # fmt: skip
-    monkeypatch.setattr(beear.loop, "run_beear", spy_run)
-    monkeypatch.setattr(beear.bundled, "generate_answers", stub_answers)
+    seen, asked = _spy_anchoring(monkeypatch)
     rc, _, err = _run(capfd, [*base, "--anchor-general", "2", "--anchor-arithmetic", "3",
                               "--out", "both"])  # fmt: skip
     assert rc == 0, err
@@ -715,9 +710,7 @@ def test_anchor_arithmetic_pairs_follow_the_general_ones(
     given = load_anchor(ws / "m" / DATA_DIR / "anchor.jsonl")
     general = load_anchor(ws / "both" / "beear" / "anchor_general.jsonl")
     drills = load_anchor(ws / "both" / "beear" / "anchor_arithmetic.jsonl")
-    assert [(e.prompt, e.answer) for e in drills] == [
-        (p, f"it is 2.{i}") for i, p in enumerate(asked[1])
-    ]
+    assert [(e.prompt, e.answer) for e in drills] == [(p, f"As for {p} yes.") for p in asked[1]]
     assert seen == [given + general + drills]
     man = json.loads((ws / "both" / "beear" / "manifest.json").read_text())
     assert set(man["data_sha256"]) == {"defender", "anchor", "anchor_general", "anchor_arithmetic"}
