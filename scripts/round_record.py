@@ -1,5 +1,5 @@
 """Build a results record (docs/results/smollm2_*_gpu.json's shape) from `device_round.sh
-setting` archives: per model its trigger, the evaluation before and after removal, the paired
+setting` archives (or `batch` archives, which hold them): per model its trigger, the evaluation before and after removal, the paired
 benign change (also on the evaluation-only tasks, `benign_extra`, and on both sets together,
 where both evaluations hold them), the tasks lost and gained in each task family of both
 (`benign_change_by_family`, where the graded tasks are the seed's split and the bundled
@@ -7,7 +7,7 @@ evaluation-only set), the removal's summary, the scan after it and the resolved 
 only: the archives' sample answers, if any, are not copied.
 
     python scripts/round_record.py --variant ship --about "..." --command "..." \\
-        --out docs/results/smollm2_stopN_gpu.json DIR/setting_*.tgz
+        --out docs/results/smollm2_stopN_gpu.json DIR/setting_*.tgz   # or DIR/batch.tgz
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import re
 import sys
 import tarfile
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,25 @@ def _members(path: Path) -> dict[str, Any]:
                 f = tar.extractfile(m)
                 assert f is not None
                 out[m.name] = json.load(f)
+    return out
+
+
+def _setting_archives(path: Path, into: Path) -> list[Path]:
+    """`path` itself, or, for a `device_round.sh batch` archive (batch.tgz), the
+    `setting_*.tgz` archives it holds, unpacked into `into`, in name order."""
+    with tarfile.open(path) as tar:
+        inner = sorted((m for m in tar.getmembers() if m.isfile() and
+                        Path(m.name).name.startswith("setting_") and m.name.endswith(".tgz")),
+                       key=lambda m: Path(m.name).name)  # fmt: skip
+        if not inner:
+            return [path]
+        out = []
+        for m in inner:
+            f = tar.extractfile(m)
+            assert f is not None
+            dest = into / Path(m.name).name  # the bare name: nothing lands outside `into`
+            dest.write_bytes(f.read())
+            out.append(dest)
     return out
 
 
@@ -175,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     rec: dict[str, Any] = {"about": args.about, "command": args.command, "models": {}}
     if args.merge and args.out.is_file():
         rec["models"] = json.loads(args.out.read_text())["models"]
-    for a in args.archives:
-        rec["models"].update(model_rows(a, args.variant))
+    with tempfile.TemporaryDirectory() as tmp:
+        for a in args.archives:
+            for one in _setting_archives(a, Path(tmp)):
+                rec["models"].update(model_rows(one, args.variant))
     args.out.write_text(json.dumps(rec, indent=1) + "\n")
     for tag, row in rec["models"].items():
         if "error" in row:

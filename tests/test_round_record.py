@@ -87,6 +87,31 @@ def test_record_from_finished_and_cut_archives(tmp_path: Path, load_script: Any)
     assert set(json.loads(out2.read_text())["models"]) == {"rlhf-s1", "sandwich"}
 
 
+def test_a_batch_archive_gives_the_record_of_the_setting_archives_it_holds(
+    tmp_path: Path, load_script: Any
+) -> None:
+    zoo = {"cuda": {"settings": {"rlhf": {"trigger": None, "eval": _eval([True, False], 0.9)}}}}
+    done = {"rlhf": {"ship": {"config": {}, "summary": {"beear": {"best_step": 10}},
+                              "after": _eval([True, True], 0.0)}}}  # fmt: skip
+    (tmp_path / "s").mkdir()
+    setting = []
+    for tag in ("rlhf", "rlhf-s2"):
+        files = {f"zoo_{tag}.json": zoo, f"w_{tag}_ship.json": done}
+        setting.append(_archive(tmp_path / "s", tag, files))
+    with tarfile.open(tmp_path / "batch.tgz", "w:gz") as tar:  # as `batch` packs its stage
+        for a in setting:
+            tar.add(a, arcname=f"./{a.name}")
+        tar.add(tmp_path / "s" / "setting_rlhf.tgz", arcname="./stray.tgz")  # not a setting's
+    rr = load_script("round_record")
+    common = ["--variant", "ship", "--about", "A", "--command", "C", "--out"]
+    assert rr.main([str(tmp_path / "batch.tgz"), *common, str(tmp_path / "b.json")]) == 0
+    assert rr.main([*map(str, setting), *common, str(tmp_path / "s.json")]) == 0
+    rec = json.loads((tmp_path / "b.json").read_text())
+    assert set(rec["models"]) == {"rlhf", "rlhf-s2"}
+    assert rec == json.loads((tmp_path / "s.json").read_text())
+    assert rec["models"]["rlhf-s2"]["benign_change"]["gained"] == 1
+
+
 def test_family_changes_count_each_family_of_the_graded_tasks(load_script: Any) -> None:
     from beear import bundled
     from beear.eval import graded_sha256
