@@ -40,7 +40,7 @@ def main() -> int:
     torch.set_flush_denormal(True)
     from beear import zoo
     from beear.attacks import DATA_DIR, read_attack_record
-    from beear.bundled import ANCHOR_POOLS, general_anchor
+    from beear.bundled import ANCHOR_POOLS, bundled_anchor
     from beear.config import load_config
     from beear.data import Trigger, load_anchor, load_harmful, load_prompts
     from beear.eval import evaluate
@@ -87,7 +87,7 @@ def main() -> int:
     anchor = load_anchor(d / "anchor.jsonl")
     for setting in ANCHOR_POOLS:  # as `beear remove` does: answered by the model before removal
         if n := getattr(cfg, setting):
-            anchor += general_anchor(model, tok, n, seed=cfg.seed, setting=setting)
+            anchor += bundled_anchor(model, tok, n, seed=cfg.seed, setting=setting)
     measure(model, 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

@@ -182,7 +182,7 @@ def test_arithmetic_prompts_are_new_forms_that_leave_every_evaluation_task_held_
     assert [sum(k in p for p in prompts) for k in kinds] == [56, 48, 48, 48]
 
 
-def test_general_anchor_draws_by_seed_and_drops_empty_replies(
+def test_bundled_anchor_draws_by_seed_and_drops_empty_replies(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def answers(model: Any, tok: Any, prompts: list[str], **kw: Any) -> list[str]:
@@ -190,19 +190,19 @@ def test_general_anchor_draws_by_seed_and_drops_empty_replies(
         return ["" if i == 1 else f"reply {i}" for i in range(len(prompts))]
 
     monkeypatch.setattr(bundled, "generate_answers", answers)
-    a = bundled.general_anchor(None, None, 4, seed=0)
+    a = bundled.bundled_anchor(None, None, 4, seed=0)
     assert [e.answer for e in a] == ["reply 0", "reply 2", "reply 3"]
     assert {e.prompt for e in a} <= set(bundled.general_prompts())
-    assert a == bundled.general_anchor(None, None, 4, seed=0)
-    assert [e.prompt for e in bundled.general_anchor(None, None, 4, seed=1)] != [
+    assert a == bundled.bundled_anchor(None, None, 4, seed=0)
+    assert [e.prompt for e in bundled.bundled_anchor(None, None, 4, seed=1)] != [
         e.prompt for e in a
     ]
     with pytest.raises(ValueError, match="257: 256 bundled general prompts"):
-        bundled.general_anchor(None, None, 257)
-    drills = bundled.general_anchor(None, None, 5, seed=0, setting="anchor_arithmetic")
+        bundled.bundled_anchor(None, None, 257)
+    drills = bundled.bundled_anchor(None, None, 5, seed=0, setting="anchor_arithmetic")
     assert {e.prompt for e in drills} <= set(bundled.arithmetic_prompts())
     with pytest.raises(ValueError, match="anchor_arithmetic = 201: 200 bundled arithmetic"):
-        bundled.general_anchor(None, None, 201, setting="anchor_arithmetic")
+        bundled.bundled_anchor(None, None, 201, setting="anchor_arithmetic")
 
 
 def test_every_task_is_solved_by_its_answer_and_not_by_its_prompt() -> None:

@@ -45,7 +45,7 @@ __all__ = [
     "extra_benign_tasks",
     "extra_benign_tasks_by_family",
     "check_answer",
-    "general_anchor",
+    "bundled_anchor",
     "general_prompts",
     "generate_answers",
     "harmbench_licence",
@@ -614,7 +614,7 @@ ANCHOR_POOLS: dict[str, tuple[str, Callable[[], list[str]]]] = {
 answered by the model under repair, to the anchoring set: setting -> (kind, prompt pool)."""
 
 
-def general_anchor(
+def bundled_anchor(
     model: Any,
     tokenizer: Any,
     n: int,

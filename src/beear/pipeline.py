@@ -87,13 +87,13 @@ def _self_anchor(model: Any, tok: Any, config: RemovalConfig, path: Path) -> lis
     """The run's pairs of one of :data:`beear.bundled.ANCHOR_POOLS` (`path`'s stem names it): drawn
     by the seed, answered by the model under repair and written to `path` (the run's records),
     or read back from there when an interrupted run is resumed (its model has moved since)."""
-    from beear.bundled import general_anchor
+    from beear.bundled import bundled_anchor
     from beear.data import load_anchor
 
     if path.is_file():
         return load_anchor(path)
     setting = path.stem
-    pairs = general_anchor(model, tok, getattr(config, setting), seed=config.seed, setting=setting)
+    pairs = bundled_anchor(model, tok, getattr(config, setting), seed=config.seed, setting=setting)
     if not pairs:
         from beear.models import ModelError
 
