@@ -1,10 +1,10 @@
 """Build a results record (docs/results/smollm2_*_gpu.json's shape) from `device_round.sh
-setting` archives (or `batch` archives, which hold them): per model its trigger, the evaluation before and after removal, the paired
-benign change (also on the evaluation-only tasks, `benign_extra`, and on both sets together,
-where both evaluations hold them), the tasks lost and gained in each task family of both
-(`benign_change_by_family`, where the graded tasks are the seed's split and the bundled
-evaluation-only set), the removal's summary, the scan after it and the resolved config. Metrics
-only: the archives' sample answers, if any, are not copied.
+setting` archives (or `batch` archives, which hold them): per model its trigger, the evaluation
+before and after removal, the paired benign change (also on the evaluation-only tasks,
+`benign_extra`, and on both sets together, where both evaluations hold them), the tasks lost and
+gained in each task family of both (`benign_change_by_family`, where the graded tasks are the
+seed's split and the bundled evaluation-only set), the removal's summary, the scan after it and
+the resolved config. Metrics only: the archives' sample answers, if any, are not copied.
 
     python scripts/round_record.py --variant ship --about "..." --command "..." \\
         --out docs/results/smollm2_stopN_gpu.json DIR/setting_*.tgz   # or DIR/batch.tgz

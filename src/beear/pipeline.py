@@ -83,21 +83,24 @@ def _sha256_file(p: Path) -> str:
     return h.hexdigest()
 
 
-def _self_anchor(model: Any, tok: Any, config: RemovalConfig, path: Path) -> list[AnchorExample]:
-    """The run's pairs of one of :data:`beear.bundled.ANCHOR_POOLS` (`path`'s stem names it): drawn
-    by the seed, answered by the model under repair and written to `path` (the run's records),
-    or read back from there when an interrupted run is resumed (its model has moved since)."""
-    from beear.bundled import bundled_anchor
+def _self_anchor(
+    model: Any, tok: Any, config: RemovalConfig, setting: str, rec_dir: Path
+) -> list[AnchorExample]:
+    """The run's pairs of `setting`, one of :data:`beear.bundled.ANCHOR_POOLS`: drawn by the
+    seed, answered by the model under repair and written to `rec_dir`/SETTING.jsonl (the run's
+    records), or read back from there when an interrupted run is resumed (its model has moved
+    since)."""
+    from beear.bundled import ANCHOR_POOLS, bundled_anchor
     from beear.data import load_anchor
 
+    path = rec_dir / f"{setting}.jsonl"
     if path.is_file():
         return load_anchor(path)
-    setting = path.stem
     pairs = bundled_anchor(model, tok, getattr(config, setting), seed=config.seed, setting=setting)
     if not pairs:
         from beear.models import ModelError
 
-        kind = setting.removeprefix("anchor_")
+        kind = ANCHOR_POOLS[setting][0]
         raise ModelError(f"the model answered none of the bundled {kind} prompts ({setting})")
     tmp = path.with_name(path.name + ".tmp")
     write_jsonl(tmp, pairs)
@@ -270,7 +273,7 @@ def _remove(
             )
             for setting in ANCHOR_POOLS:  # before a checkpoint's weights load
                 if getattr(config, setting) and setting not in own:
-                    own[setting] = _self_anchor(model, tok, config, rec_dir / f"{setting}.jsonl")
+                    own[setting] = _self_anchor(model, tok, config, setting, rec_dir)
                     data_hashes[setting] = _sha256_records(own[setting])
             anchors = [*anchor, *(p for s in ANCHOR_POOLS for p in own.get(s, []))]
             # Every example is encoded once up front: a bad one fails now, not hours in.
