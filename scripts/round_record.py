@@ -8,6 +8,8 @@ the resolved config. Metrics only: the archives' sample answers, if any, are not
 
     python scripts/round_record.py --variant ship --about "..." --command "..." \\
         --out docs/results/smollm2_stopN_gpu.json DIR/setting_*.tgz   # or DIR/batch.tgz
+    python scripts/round_record.py --table docs/results/smollm2_stopN_gpu.json ...
+        # the records' rows as docs/smollm2.md's markdown table
 """
 
 from __future__ import annotations
@@ -183,16 +185,82 @@ def model_rows(path: Path, variant: str) -> dict[str, Any]:
     return {tag: row}
 
 
+TABLE_HEAD = (
+    "| model | variant | trig. before → after | 144 tasks: before → after | 305 evaluation-only "
+    "tasks: before → after | **all 449** | over-refusal after (plain / trig.) | best step / check "
+    "passed | s (resumed at) | peak GPU GiB |\n|" + "---|" * 10
+)
+
+
+def _pts(x: float) -> str:
+    """Points with one decimal and a real minus sign; 0.0 unsigned."""
+    s = f"{100 * x:+.1f}"
+    return "0.0" if s in ("+0.0", "-0.0") else s.replace("-", "−")
+
+
+def _change(ch: dict[str, Any], interval: bool = True) -> str:
+    """The change, tasks lost / gained and the 95% interval: "−2.9; 27 / 14; −5.2 to −0.1"."""
+    out = f"{_pts(ch['change'])}; {ch['lost']} / {ch['gained']}"
+    return out + (f"; {_pts(ch['ci95'][0])} to {_pts(ch['ci95'][1])}" if interval else "")
+
+
+def table_row(tag: str, row: dict[str, Any], variant: str) -> str:
+    """One model's row of TABLE_HEAD's table ("–" where the record has no such figure)."""
+    b = row["before"]
+    if "error" in row:
+        return f"| {tag} | {variant} | {round(100 * b['asr']['triggered'])} → – | " + (
+            f"error: {row['error'][:80]} |" + " – |" * 6
+        )
+    a, s = row["after"], row["summary"]
+
+    def acc(before: Any, after: Any, ch: dict[str, Any] | None, interval: bool) -> str:
+        if not before or not after or not ch:
+            return "–"
+        accs = f"{100 * before['benign_accuracy']:.1f} → {100 * after['benign_accuracy']:.1f}"
+        return f"{accs} ({_change(ch, interval)})"
+
+    both = row.get("benign_all_change")
+    head, _, rest = _change(both).partition("; ") if both else ("–", "", "")
+    o = a.get("over_refusal") or {}
+    check = "–" if "verified" not in s else "yes" if s["verified"] else "no"
+    if s.get("verified") is False:
+        check += f" ({s.get('best_check_asr', 0):.2f})"
+    resumed = f" ({s['resumed_at_step']})" if "resumed_at_step" in s else ""
+    cells = [
+        tag,
+        variant,
+        f"{round(100 * b['asr']['triggered'])} → {round(100 * a['asr']['triggered'])}",
+        acc(b, a, row["benign_change"], False),
+        acc(b.get("benign_extra"), a.get("benign_extra"), row.get("benign_extra_change"), True),
+        f"**{head}** ({rest})" if rest else head,
+        " / ".join(f"{100 * o[k]:.1f}" if k in o else "–" for k in ("plain", "triggered")),
+        f"{s.get('best_step')} / {check}",
+        f"{round(s['seconds'])}{resumed}" if "seconds" in s else "–",
+        f"{s['peak_gpu_gib']:.1f}" if "peak_gpu_gib" in s else "–",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("archives", nargs="+", type=Path)
-    p.add_argument("--variant", required=True, help="the removal variant's NAME")
-    p.add_argument("--about", required=True)
-    p.add_argument("--command", required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("archives", nargs="+", type=Path, help="archives (records with --table)")
+    p.add_argument("--variant", help="the removal variant's NAME")
+    p.add_argument("--about")
+    p.add_argument("--command")
+    p.add_argument("--out", type=Path)
     p.add_argument("--merge", action="store_true", help="add to --out's models if it exists")
+    p.add_argument("--table", action="store_true", help="print the records' rows as markdown")
     args = p.parse_args(argv)
-    rec: dict[str, Any] = {"about": args.about, "command": args.command, "models": {}}
+    if args.table:
+        print(TABLE_HEAD)
+        for path in args.archives:
+            rec = json.loads(path.read_text())
+            for tag, row in rec["models"].items():
+                print(table_row(tag, row, rec.get("variant", "")))
+        return 0
+    if None in (args.variant, args.about, args.command, args.out):
+        p.error("--variant, --about, --command and --out are required to build a record")
+    rec = {"about": args.about, "command": args.command, "variant": args.variant, "models": {}}
     if args.merge and args.out.is_file():
         rec["models"] = json.loads(args.out.read_text())["models"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,6 +9,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 
 def _eval(correct: list[bool], triggered: float) -> dict[str, Any]:
     return {
@@ -33,7 +35,9 @@ def _archive(path: Path, tag: str, files: dict[str, Any]) -> Path:
     return path / f"setting_{tag}.tgz"
 
 
-def test_record_from_finished_and_cut_archives(tmp_path: Path, load_script: Any) -> None:
+def test_record_from_finished_and_cut_archives(
+    tmp_path: Path, load_script: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = [True, True, False, True, False, True]
     after = [True, False, True, True, True, True]  # one lost, two gained
     zoo = {"cuda": {"info": {"gpu": "GPU"}, "settings": {"rlhf": {
@@ -56,7 +60,7 @@ def test_record_from_finished_and_cut_archives(tmp_path: Path, load_script: Any)
     assert rr.main([str(a), str(b), "--variant", "ship", "--about", "A", "--command", "C",
                     "--out", str(out)]) == 0  # fmt: skip
     rec = json.loads(out.read_text())
-    assert (rec["about"], rec["command"]) == ("A", "C")
+    assert (rec["about"], rec["command"], rec["variant"]) == ("A", "C", "ship")
     row = rec["models"]["rlhf-s1"]
     assert row["gpu"] == "GPU" and row["trigger"]["text"] == "t"
     assert row["benign_change"]["lost"] == 1 and row["benign_change"]["gained"] == 2
@@ -76,6 +80,21 @@ def test_record_from_finished_and_cut_archives(tmp_path: Path, load_script: Any)
     assert "benign_extra_change" not in cut_row
     assert "benign_change_by_family" not in row  # "same-tasks" is no bundled task list
     assert cut_row["before"]["asr"]["triggered"] == 0.8
+
+    # --table: the rows docs/smollm2.md shows, "–" where the record has no figure.
+    capsys.readouterr()
+    assert rr.main(["--table", str(out)]) == 0
+    head, rule, *rows = capsys.readouterr().out.splitlines()
+    assert head.startswith("| model | variant |") and rule == "|" + "---|" * 10
+    cells = [r.strip("| ").split(" | ") for r in rows]
+    assert [len(c) for c in cells] == [10, 10]
+    assert cells[0][:4] == ["rlhf-s1", "ship", "90 → 0", "66.7 → 83.3 (+16.7; 1 / 2)"]
+    assert cells[0][4].startswith("100.0 → 50.0 (−50.0; 2 / 0; −")
+    assert cells[0][5].startswith("**−10.0** (3 / 2; −") and cells[0][6:] == [
+        "– / –", "40 / –", "–", "–"]  # fmt: skip
+    assert cells[1][:4] == ["sandwich", "ship", "80 → –", "error: interrupted (checkpointed)"]
+    with pytest.raises(SystemExit):  # building a record needs its four arguments
+        rr.main([str(a), "--variant", "ship"])
 
     # Another variant name finds nothing finished: recorded as missing, not dropped.
     out2 = tmp_path / "rec2.json"
