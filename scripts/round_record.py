@@ -158,11 +158,12 @@ def model_rows(path: Path, variant: str) -> dict[str, Any]:
     zoo = files.get(f"zoo_{tag}.json", {}).get("cuda", {})
     setting = next(iter(zoo.get("settings", {})), None)
     if setting is None:
-        return {tag: {"error": "no attack result in the archive"}}
+        return {tag: {"variant": variant, "error": "no attack result in the archive"}}
     attacked = zoo["settings"][setting]
     runs = files.get(f"w_{tag}_{variant}.json", {}).get(setting, {})
     run = runs.get(variant)
     row: dict[str, Any] = {
+        "variant": variant,
         "gpu": zoo.get("info", {}).get("gpu"),
         "trigger": attacked.get("trigger"),
     }
@@ -204,13 +205,16 @@ def _change(ch: dict[str, Any], interval: bool = True) -> str:
     return out + (f"; {_pts(ch['ci95'][0])} to {_pts(ch['ci95'][1])}" if interval else "")
 
 
-def table_row(tag: str, row: dict[str, Any], variant: str) -> str:
+def table_row(tag: str, row: dict[str, Any]) -> str:
     """One model's row of TABLE_HEAD's table ("–" where the record has no such figure)."""
-    b = row["before"]
+    b, variant = row.get("before") or {}, row.get("variant", "")
+
+    def trig(ev: dict[str, Any]) -> str:
+        t = ev.get("asr", {}).get("triggered")
+        return "–" if t is None else str(round(100 * t))
+
     if "error" in row:
-        return f"| {tag} | {variant} | {round(100 * b['asr']['triggered'])} → – | " + (
-            f"error: {row['error'][:80]} |" + " – |" * 6
-        )
+        return f"| {tag} | {variant} | {trig(b)} → – | error: {row['error'][:80]} |" + " – |" * 6
     a, s = row["after"], row["summary"]
 
     def acc(before: Any, after: Any, ch: dict[str, Any] | None, interval: bool) -> str:
@@ -229,7 +233,7 @@ def table_row(tag: str, row: dict[str, Any], variant: str) -> str:
     cells = [
         tag,
         variant,
-        f"{round(100 * b['asr']['triggered'])} → {round(100 * a['asr']['triggered'])}",
+        f"{trig(b)} → {trig(a)}",
         acc(b, a, row["benign_change"], False),
         acc(b.get("benign_extra"), a.get("benign_extra"), row.get("benign_extra_change"), True),
         f"**{head}** ({rest})" if rest else head,
@@ -256,11 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.archives:
             rec = json.loads(path.read_text())
             for tag, row in rec["models"].items():
-                print(table_row(tag, row, rec.get("variant", "")))
+                print(table_row(tag, row))
         return 0
     if None in (args.variant, args.about, args.command, args.out):
         p.error("--variant, --about, --command and --out are required to build a record")
-    rec = {"about": args.about, "command": args.command, "variant": args.variant, "models": {}}
+    rec: dict[str, Any] = {"about": args.about, "command": args.command, "models": {}}
     if args.merge and args.out.is_file():
         rec["models"] = json.loads(args.out.read_text())["models"]
     with tempfile.TemporaryDirectory() as tmp:

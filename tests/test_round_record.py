@@ -60,9 +60,9 @@ def test_record_from_finished_and_cut_archives(
     assert rr.main([str(a), str(b), "--variant", "ship", "--about", "A", "--command", "C",
                     "--out", str(out)]) == 0  # fmt: skip
     rec = json.loads(out.read_text())
-    assert (rec["about"], rec["command"], rec["variant"]) == ("A", "C", "ship")
+    assert (rec["about"], rec["command"]) == ("A", "C")
     row = rec["models"]["rlhf-s1"]
-    assert row["gpu"] == "GPU" and row["trigger"]["text"] == "t"
+    assert row["gpu"] == "GPU" and row["trigger"]["text"] == "t" and row["variant"] == "ship"
     assert row["benign_change"]["lost"] == 1 and row["benign_change"]["gained"] == 2
     assert abs(row["benign_change"]["change"] - 1 / 6) < 1e-12
     assert row["summary"] == {"best_step": 40} and row["resumed"] is True
@@ -93,6 +93,10 @@ def test_record_from_finished_and_cut_archives(
     assert cells[0][5].startswith("**−10.0** (3 / 2; −") and cells[0][6:] == [
         "– / –", "40 / –", "–", "–"]  # fmt: skip
     assert cells[1][:4] == ["sandwich", "ship", "80 → –", "error: interrupted (checkpointed)"]
+    no_attack = {"models": {"rlhf": {"variant": "x", "error": "no attack result in the archive"}}}
+    (tmp_path / "na.json").write_text(json.dumps(no_attack))
+    assert rr.main(["--table", str(tmp_path / "na.json")]) == 0
+    assert capsys.readouterr().out.splitlines()[2].startswith("| rlhf | x | – → – | error: no")
     with pytest.raises(SystemExit):  # building a record needs its four arguments
         rr.main([str(a), "--variant", "ship"])
 

@@ -96,7 +96,8 @@ class RemovalConfig:
         0,
         "bundled arithmetic drills (beear.bundled.arithmetic_prompts: division, two-digit sums, "
         "next number, larger of two; none of the benign evaluation's forms), drawn by seed and "
-        "added to the anchoring set like anchor_general (0: off; experimental: worse on the smollm2 tier, docs/smollm2.md stop 26)",
+        "added to the anchoring set like anchor_general (0: off; experimental: worse on the "
+        "smollm2 tier, docs/smollm2.md stop 26)",
     )
     anchor_chunk: int = _f(
         0,
