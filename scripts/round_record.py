@@ -10,6 +10,10 @@ the resolved config. Metrics only: the archives' sample answers, if any, are not
         --out docs/results/smollm2_stopN_gpu.json DIR/setting_*.tgz   # or DIR/batch.tgz
     python scripts/round_record.py --table docs/results/smollm2_stopN_gpu.json ...
         # the records' rows as docs/smollm2.md's markdown table
+    python scripts/round_record.py --spread RECORD... [--vs RECORD...] [--bar 2]
+        # the change on all benign tasks across models: mean, spread, how many keep within
+        # --bar points, what a normal model of those figures expects; with --vs, per model the
+        # second set's change minus the first's (later records win where a model repeats)
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import functools
 import json
 import re
+import statistics
 import sys
 import tarfile
 import tempfile
@@ -245,6 +250,53 @@ def table_row(tag: str, row: dict[str, Any]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def all_changes(paths: Sequence[Path]) -> dict[str, float]:
+    """Per model, the change (a share) on all benign tasks (`benign_all_change`) in the records
+    PATHS; a later record's figure replaces an earlier one's, and a model without it is left out."""
+    out: dict[str, float] = {}
+    for path in paths:
+        for tag, row in json.loads(path.read_text())["models"].items():
+            if ch := row.get("benign_all_change"):
+                out[tag] = ch["change"]
+    return out
+
+
+def spread_lines(first: dict[str, float], second: dict[str, float] | None, bar: float) -> list[str]:
+    """What --spread prints. A model keeps its utility when its change is at least -BAR points
+    (a gain never misses). The normal model takes the models' mean and standard deviation and
+    treats the models as independent: the share expected to keep, and the chance all do."""
+    pts = {k: 100 * v for k, v in first.items()}
+    if len(pts) < 2:
+        raise SystemExit("round_record.py: --spread needs the change on all tasks of two models")
+    mean, sd = statistics.mean(pts.values()), statistics.stdev(pts.values())
+    keep = sum(v >= -bar - 1e-9 for v in pts.values())
+    p_keep = 1 - statistics.NormalDist(mean, sd).cdf(-bar)
+    p_zero = 1 - statistics.NormalDist(0, sd).cdf(-bar)
+    n = len(pts)
+    lines = [
+        f"{n} models: mean {mean:+.2f}, standard deviation {sd:.2f} points; within {bar:g} "
+        f"points on {keep} of {n}",
+        f"normal model: {p_keep * n:.1f} of {n} expected within, all {n} with probability "
+        f"{p_keep**n:.3f} (with the mean at 0 and this deviation: {p_zero**n:.3f})",
+    ]
+    if second is None:
+        return lines
+    both = sorted(set(pts) & set(second))
+    if len(both) < 2:
+        raise SystemExit("round_record.py: --vs needs two models measured in both sets")
+    diff = {k: 100 * second[k] - pts[k] for k in both}
+    dsd = statistics.stdev(diff.values())
+    lines.append(
+        f"{len(both)} models in both: second minus first mean {statistics.mean(diff.values()):+.2f}"
+        f", standard deviation {dsd:.2f} points ({dsd / 2**0.5:.2f} per run if the two runs' "
+        f"deviations are independent and alike); within {bar:g} points: first "
+        f"{sum(pts[k] >= -bar - 1e-9 for k in both)}, second "
+        f"{sum(100 * second[k] >= -bar - 1e-9 for k in both)}"
+    )
+    lines += [f"  {k}: {pts[k]:+.1f} -> {100 * second[k]:+.1f} ({diff[k]:+.1f})" for k in both]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("archives", nargs="+", type=Path, help="archives (records with --table)")
@@ -254,7 +306,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     p.add_argument("--merge", action="store_true", help="add to --out's models if it exists")
     p.add_argument("--table", action="store_true", help="print the records' rows as markdown")
+    p.add_argument("--spread", action="store_true",
+                   help="the records' change on all benign tasks across models (see above)")  # fmt: skip
+    p.add_argument("--vs", nargs="+", type=Path, metavar="RECORD",
+                   help="with --spread: records of another config on the same models")  # fmt: skip
+    p.add_argument("--bar", type=float, default=2.0, help="with --spread: the bar in points")
     args = p.parse_args(argv)
+    if args.spread:
+        second = all_changes(args.vs) if args.vs else None
+        print("\n".join(spread_lines(all_changes(args.archives), second, args.bar)))
+        return 0
     if args.table:
         print(TABLE_HEAD)
         for path in args.archives:

@@ -199,3 +199,47 @@ def test_record_breaks_the_change_down_by_family_on_the_seeds_split(
     assert set(json.loads(out.read_text())["models"]["rlhf"]["benign_change_by_family"]) == {
         "extra"
     }
+
+
+def test_spread_counts_the_bar_one_sided_and_pairs_models_across_configs(
+    tmp_path: Path, load_script: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def record(name: str, changes: dict[str, float | None]) -> Path:
+        rows = {
+            tag: {"error": "cut"} if ch is None else {"benign_all_change": {"change": ch / 100}}
+            for tag, ch in changes.items()
+        }
+        (tmp_path / name).write_text(json.dumps({"models": rows}))
+        return tmp_path / name
+
+    # a's sandwich is replaced by the later record c; d's rlhf has no figure and is left out.
+    a = record("a.json", {"rlhf": -3.0, "sandwich": -9.0, "prefix-word": 1.0})
+    c = record("c.json", {"sandwich": -2.0, "suffix-word": -6.0})
+    d = record("d.json", {"rlhf": None, "sandwich": 1.0, "prefix-word": 4.0, "suffix-word": -1.0})
+    rr = load_script("round_record")
+    assert rr.all_changes([a, c]) == pytest.approx(
+        {"rlhf": -0.03, "sandwich": -0.02, "prefix-word": 0.01, "suffix-word": -0.06}
+    )
+    assert rr.main(["--spread", str(a), str(c), "--vs", str(d)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # -3, -2, +1, -6: mean -2.5, sd 2.89; -2.0 exactly keeps, the gain keeps: 2 of 4.
+    assert (
+        out[0] == "4 models: mean -2.50, standard deviation 2.89 points; within 2 points on 2 of 4"
+    )
+    import statistics
+
+    p = 1 - statistics.NormalDist(-2.5, statistics.stdev([-3, -2, 1, -6])).cdf(-2)
+    assert out[1].startswith(f"normal model: {4 * p:.1f} of 4 expected within, all 4 with ")
+    assert f"probability {p**4:.3f} " in out[1]
+    # Paired on the three in both (rlhf has no second figure): +3, +3, +5; a gain of 4 keeps.
+    assert out[2].startswith("3 models in both: second minus first mean +3.67, standard ")
+    assert out[2].endswith("within 2 points: first 2, second 3")
+    assert out[3:] == [
+        "  prefix-word: +1.0 -> +4.0 (+3.0)",
+        "  sandwich: -2.0 -> +1.0 (+3.0)",
+        "  suffix-word: -6.0 -> -1.0 (+5.0)",
+    ]
+    assert rr.main(["--spread", str(c), "--bar", "7"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("within 7 points on 2 of 2")
+    with pytest.raises(SystemExit, match="two models"):  # one model has no spread
+        rr.main(["--spread", str(record("one.json", {"rlhf": -1.0}))])
