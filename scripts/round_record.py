@@ -319,8 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print(TABLE_HEAD)
         for path in args.archives:
-            rec = json.loads(path.read_text())
-            for tag, row in rec["models"].items():
+            for tag, row in json.loads(path.read_text())["models"].items():
                 print(table_row(tag, row))
         return 0
     if None in (args.variant, args.about, args.command, args.out):
