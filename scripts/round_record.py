@@ -266,10 +266,14 @@ def spread_lines(first: dict[str, float], second: dict[str, float] | None, bar: 
     (a gain never misses). The normal model takes the models' mean and standard deviation and
     treats the models as independent: the share expected to keep, and the chance all do."""
     pts = {k: 100 * v for k, v in first.items()}
+
+    def keeps(v: float) -> bool:  # in points; the 1e-9 keeps a change of exactly -BAR
+        return v >= -bar - 1e-9
+
     if len(pts) < 2:
         raise SystemExit("round_record.py: --spread needs the change on all tasks of two models")
     mean, sd = statistics.mean(pts.values()), statistics.stdev(pts.values())
-    keep = sum(v >= -bar - 1e-9 for v in pts.values())
+    keep = sum(map(keeps, pts.values()))
     p_keep = 1 - statistics.NormalDist(mean, sd).cdf(-bar)
     p_zero = 1 - statistics.NormalDist(0, sd).cdf(-bar)
     n = len(pts)
@@ -281,19 +285,19 @@ def spread_lines(first: dict[str, float], second: dict[str, float] | None, bar: 
     ]
     if second is None:
         return lines
-    both = sorted(set(pts) & set(second))
+    pts2 = {k: 100 * v for k, v in second.items()}
+    both = sorted(set(pts) & set(pts2))
     if len(both) < 2:
         raise SystemExit("round_record.py: --vs needs two models measured in both sets")
-    diff = {k: 100 * second[k] - pts[k] for k in both}
+    diff = {k: pts2[k] - pts[k] for k in both}
     dsd = statistics.stdev(diff.values())
     lines.append(
         f"{len(both)} models in both: second minus first mean {statistics.mean(diff.values()):+.2f}"
         f", standard deviation {dsd:.2f} points ({dsd / 2**0.5:.2f} per run if the two runs' "
         f"deviations are independent and alike); within {bar:g} points: first "
-        f"{sum(pts[k] >= -bar - 1e-9 for k in both)}, second "
-        f"{sum(100 * second[k] >= -bar - 1e-9 for k in both)}"
+        f"{sum(keeps(pts[k]) for k in both)}, second {sum(keeps(pts2[k]) for k in both)}"
     )
-    lines += [f"  {k}: {pts[k]:+.1f} -> {100 * second[k]:+.1f} ({diff[k]:+.1f})" for k in both]
+    lines += [f"  {k}: {pts[k]:+.1f} -> {pts2[k]:+.1f} ({diff[k]:+.1f})" for k in both]
     return lines
 
 

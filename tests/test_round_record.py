@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import statistics
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -226,8 +227,6 @@ def test_spread_counts_the_bar_one_sided_and_pairs_models_across_configs(
     assert (
         out[0] == "4 models: mean -2.50, standard deviation 2.89 points; within 2 points on 2 of 4"
     )
-    import statistics
-
     p = 1 - statistics.NormalDist(-2.5, statistics.stdev([-3, -2, 1, -6])).cdf(-2)
     assert out[1].startswith(f"normal model: {4 * p:.1f} of 4 expected within, all 4 with ")
     assert f"probability {p**4:.3f} " in out[1]
