@@ -14,6 +14,9 @@ the resolved config. Metrics only: the archives' sample answers, if any, are not
         # the change on all benign tasks across models: mean, spread, how many keep within
         # --bar points, what a normal model of those figures expects; with --vs, per model the
         # second set's change minus the first's (later records win where a model repeats)
+    python scripts/round_record.py --replicates RECORD... [--bar 2]
+        # one config run again with other removal seeds, one record per run: per model its
+        # runs' changes, and the run-to-run spread (pooled over models) against the models'
 """
 
 from __future__ import annotations
@@ -301,6 +304,43 @@ def spread_lines(first: dict[str, float], second: dict[str, float] | None, bar: 
     return lines
 
 
+def replicate_lines(runs: Sequence[dict[str, float]], bar: float) -> list[str]:
+    """What --replicates prints: RUNS holds one config's change on all tasks per model, one dict
+    per run (a removal seed). Per model with two runs or more: its changes, their mean and
+    standard deviation, and how many runs keep within BAR points (one-sided, as --spread). Then
+    the run-to-run standard deviation pooled over those models (each weighted by its runs less
+    one) against the standard deviation of their means, and what is left of the latter for the
+    models themselves once the runs' share of it (pooled variance over the runs per model) is
+    taken out: which part of the across-model spread a new seed can move."""
+    by_model: dict[str, list[float]] = {}
+    for run in runs:
+        for tag, ch in run.items():
+            by_model.setdefault(tag, []).append(100 * ch)
+    reps = {k: v for k, v in sorted(by_model.items()) if len(v) >= 2}
+    if len(reps) < 2:
+        raise SystemExit("round_record.py: --replicates needs two models with two runs each")
+    lines = []
+    for tag, v in reps.items():
+        keep = sum(x >= -bar - 1e-9 for x in v)
+        lines.append(
+            f"  {tag}: {' '.join(f'{x:+.1f}' for x in v)}: mean {statistics.mean(v):+.2f}, "
+            f"standard deviation {statistics.stdev(v):.2f}; within {bar:g} points in {keep} of "
+            f"{len(v)} runs"
+        )
+    df = sum(len(v) - 1 for v in reps.values())
+    pooled = sum(statistics.variance(v) * (len(v) - 1) for v in reps.values()) / df
+    means = [statistics.mean(v) for v in reps.values()]
+    share = pooled * statistics.mean(1 / len(v) for v in reps.values())
+    between = max(0.0, statistics.variance(means) - share) ** 0.5
+    lines.insert(
+        0,
+        f"{len(reps)} models with {sum(map(len, reps.values()))} runs: run-to-run standard "
+        f"deviation {pooled**0.5:.2f} points (pooled, {df} degrees of freedom); the models' "
+        f"means {statistics.stdev(means):.2f}, of which the models themselves {between:.2f}",
+    )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("archives", nargs="+", type=Path, help="archives (records with --table)")
@@ -314,8 +354,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="the records' change on all benign tasks across models (see above)")  # fmt: skip
     p.add_argument("--vs", nargs="+", type=Path, metavar="RECORD",
                    help="with --spread: records of another config on the same models")  # fmt: skip
-    p.add_argument("--bar", type=float, default=2.0, help="with --spread: the bar in points")
+    p.add_argument("--replicates", action="store_true",
+                   help="the records are runs of one config with other seeds (see above)")  # fmt: skip
+    p.add_argument(
+        "--bar", type=float, default=2.0, help="with --spread or --replicates: the bar in points"
+    )
     args = p.parse_args(argv)
+    if args.replicates:
+        runs = [all_changes([path]) for path in args.archives]
+        print("\n".join(replicate_lines(runs, args.bar)))
+        return 0
     if args.spread:
         second = all_changes(args.vs) if args.vs else None
         print("\n".join(spread_lines(all_changes(args.archives), second, args.bar)))

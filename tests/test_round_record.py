@@ -242,3 +242,39 @@ def test_spread_counts_the_bar_one_sided_and_pairs_models_across_configs(
     assert capsys.readouterr().out.splitlines()[0].endswith("within 7 points on 2 of 2")
     with pytest.raises(SystemExit, match="two models"):  # one model has no spread
         rr.main(["--spread", str(record("one.json", {"rlhf": -1.0}))])
+
+
+def test_replicates_pools_the_run_to_run_spread_and_takes_it_out_of_the_models_spread(
+    load_script: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    rr = load_script("round_record")
+    # Three runs; "one" has a single run and is left out; b has only two runs.
+    runs = [
+        {"a": -0.040, "b": 0.010, "one": 0.0},
+        {"a": -0.030, "b": 0.030},
+        {"a": -0.020},
+    ]
+    out = rr.replicate_lines(runs, 2.0)
+    # a: -4 -3 -2 (var 1, 2 df); b: +1 +3 (var 2, 1 df): pooled (2 + 2) / 3.
+    pooled = (4 / 3) ** 0.5
+    # means -3 and +2: variance 12.5; the runs' share: pooled variance x mean(1/3, 1/2).
+    between = (12.5 - 4 / 3 * (1 / 3 + 1 / 2) / 2) ** 0.5
+    assert out[0] == (
+        f"2 models with 5 runs: run-to-run standard deviation {pooled:.2f} points (pooled, 3 "
+        f"degrees of freedom); the models' means {12.5**0.5:.2f}, of which the models "
+        f"themselves {between:.2f}"
+    )
+    # -2.0 exactly keeps (one-sided bar), -3 and -4 miss.
+    assert out[1:] == [
+        "  a: -4.0 -3.0 -2.0: mean -3.00, standard deviation 1.00; within 2 points in 1 of 3 runs",
+        "  b: +1.0 +3.0: mean +2.00, standard deviation 1.41; within 2 points in 2 of 2 runs",
+    ]
+    with pytest.raises(SystemExit, match="two models with two runs"):
+        rr.replicate_lines([{"a": 0.0, "b": 0.0}, {"a": 0.01}], 2.0)
+    paths = []
+    for i, run in enumerate(runs):
+        rows = {k: {"benign_all_change": {"change": v}} for k, v in run.items()}
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps({"models": rows}))
+    assert rr.main(["--replicates", *map(str, paths), "--bar", "3"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].endswith("within 3 points in 2 of 3 runs")
