@@ -88,12 +88,12 @@ def _changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     b, a = before.get("benign_extra"), after.get("benign_extra")
     if b and a:
         out["benign_extra_change"] = paired_change(b, a)
-        both = [
+        both: list[dict[str, Any]] = [
             {"benign_correct": e["benign_correct"] + w["benign_correct"],
              "benign_sha256": (e.get("benign_sha256"), w.get("benign_sha256"))}
             for e, w in ((before, b), (after, a))
         ]  # fmt: skip
-        out["benign_all_change"] = paired_change(*both)
+        out["benign_all_change"] = paired_change(both[0], both[1])
     return out
 
 

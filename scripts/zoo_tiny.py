@@ -15,6 +15,7 @@ import multiprocessing as mp
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -58,7 +59,7 @@ def run_one(
         )  # clean models: any trigger, for reference
         harmful = load_prompts(d / "eval_harmful.jsonl")
         benign = load_anchor(d / "eval_benign.jsonl", require_answer=False)
-        sets = {"harmful": harmful, "benign": benign}
+        sets: dict[str, Any] = {"harmful": harmful, "benign": benign}
         rec["before"] = evaluate_dir(work / "attacked", trigger=eval_trigger, device=device, **sets)
         cfg0 = RemovalConfig(seed=seed).replace(**variants[0][1])
         m, tok = load_model(work / "attacked", device=device)
@@ -185,6 +186,13 @@ def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
     return name, parse_overrides(kvs.split(","))
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM makes the parent exit through its `with` blocks (SystemExit), so the worker pool is
+    terminated with it (each removal checkpoints at the end of its step) instead of running on
+    unseen after its parent is gone."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="runs/zoo-tiny")
@@ -238,6 +246,7 @@ def main() -> int:
         print(f"resuming: {len(done)} runs kept from {partial}, {len(jobs)} to run", flush=True)
     t0 = time.perf_counter()
     ctx = mp.get_context("spawn")
+    stop_on_sigterm()
     with ctx.Pool(args.workers) as pool:
         for r in pool.imap_unordered(run_one, jobs):
             results.append(r)
