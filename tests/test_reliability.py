@@ -1026,3 +1026,91 @@ def teardown_module() -> None:
     old = Path(target).read_text() if Path(target).is_file() else ""
     kept = old[old.index("\n## ") :] if "\n## " in old else ""
     Path(target).write_text(DOC_HEAD + "\n".join(lines) + "\n" + kept)
+
+
+def test_restarts_keep_the_run_that_passed_and_drifted_least_and_survive_a_resume(
+    ws: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--restarts N: BEEAR again with seeds seed+1.. on the same held-back pairs; the run that
+    passed its check and drifted least is written, every run's figures are in the summary; a
+    run interrupted in a restart resumes to the same result."""
+    import beear.pipeline
+
+    base = ["remove", "--model", "m", *FAST, "--checkpoint-every", "0", "--check-drift", "2"]
+    _bad(capfd, "restarts without check_drift", ["remove", "--model", "m", "--out", "x",
+         "--restarts", "1"], "restarts need check_drift")  # fmt: skip
+    rc, _, err = _run(capfd, [*base, "--out", "ref"])
+    assert rc == 0, err
+    saved: list[dict[str, Any]] = []
+    real_save = beear.pipeline._save_run
+
+    def spy_save(res: Any, *a: Any, **kw: Any) -> None:
+        saved.append(res.history[-1])
+        real_save(res, *a, **kw)
+
+    monkeypatch.setattr(beear.pipeline, "_save_run", spy_save)
+    rc, _, err = _run(capfd, [*base, "--restarts", "2", "--out", "r"])
+    assert rc == 0, err
+    summ = json.loads((ws / "r" / "beear" / "manifest.json").read_text())["summary"]["beear"]
+    runs = summ["attempts"]
+    assert [a["seed"] for a in runs] == [0, 1, 2]
+    # The first run is the plain removal (seed 0, the same held-back pairs): same steps.
+    assert _metrics(ws / "r") == _metrics(ws / "ref")
+    for k, a in enumerate(runs):  # each run's drift is its kept step's, from its own metrics
+        name = "metrics.jsonl" if k == 0 else f"metrics_restart{k}.jsonl"
+        recs = [json.loads(ln) for ln in (ws / "r" / "beear" / name).read_text().splitlines()]
+        assert a["best_check_drift"] == next(
+            r["check_drift"] for r in recs if r["step"] == a["best_step"]
+        )
+    assert len({a["best_check_drift"] for a in runs}) == 3  # the seeds made different runs
+    kept = min(range(3), key=lambda k: (not runs[k]["verified"], runs[k]["best_check_drift"], k))
+    assert summ["kept_attempt"] == kept
+    # A model is written each time a run beats those before it; here a restart beats the first.
+    key = [(not a["verified"], a["best_check_drift"]) for a in runs]
+    assert kept != 0 and len(saved) == sum(
+        key[k] < min(key[:k], default=(True, 1e9)) for k in range(3)
+    )
+    assert {k: summ[k] for k in runs[kept]} == runs[kept]  # the headline is the kept run's
+    assert summ["seconds_all_attempts"] == pytest.approx(sum(a["seconds"] for a in runs), abs=0.02)
+    # The last model written is the kept run's (its final step's record).
+    last = "metrics.jsonl" if kept == 0 else f"metrics_restart{kept}.jsonl"
+    final = json.loads((ws / "r" / "beear" / last).read_text().splitlines()[-1])
+    assert saved[-1] == final
+    if kept == 0:
+        _same_weights(ws / "ref", ws / "r")
+    assert not list((ws / "r" / "beear").glob("*.done"))
+
+    # A drift bar every run clears: the first run is kept and no restart runs.
+    rc, _, err = _run(capfd, [*base, "--restarts", "2", "--restart-drift", "1e9", "--out", "one"])
+    assert rc == 0, err
+    one = json.loads((ws / "one" / "beear" / "manifest.json").read_text())["summary"]["beear"]
+    assert [a["seed"] for a in one["attempts"]] == [0] or not runs[0]["verified"]
+    if runs[0]["verified"]:
+        _same_weights(ws / "ref", ws / "one")
+
+    # Interrupted in the first restart (after the first run finished), then resumed.
+    from beear.pipeline import _StopFlag
+
+    calls = {"n": 0}
+
+    def stop_late(self: Any) -> bool:
+        calls["n"] += 1
+        return (ws / ".out.partial" / "beear" / "beear.done").exists()
+
+    with monkeypatch.context() as mp:
+        mp.setattr(_StopFlag, "__call__", stop_late)
+        rc, _, err = _run(capfd, [*base, "--restarts", "2", "--out", "out"])
+    assert rc == 130, err
+    stage = ws / ".out.partial"
+    assert (stage / "beear" / "beear.done").exists()
+    assert not (stage / "beear" / "beear-restart1.done").exists()
+    assert (stage / "checkpoint" / "beear-restart1").is_dir()
+    rc, _, err = _run(capfd, [*base, "--restarts", "2", "--out", "out", "--resume"])
+    assert rc == 0, err
+    _same_weights(ws / "r", ws / "out")
+    res = json.loads((ws / "out" / "beear" / "manifest.json").read_text())["summary"]["beear"]
+    strip = ("seconds", "seconds_all_attempts", "seconds_this_call", "resumed_at_step")
+    assert [{k: v for k, v in a.items() if k not in strip} for a in res["attempts"]] == [
+        {k: v for k, v in a.items() if k not in strip} for a in runs
+    ]
+    assert res["attempts"][1]["resumed_at_step"] == 1

@@ -143,6 +143,18 @@ class RemovalConfig:
         "safe checkpoints (and equally refusing, with check_benign) the one drifting least is "
         "kept (0: off; the step's anchoring loss breaks the tie)",
     )
+    restarts: int = _f(
+        0,
+        "removals run again from the same model with the next seeds (seed+1, ...; the same "
+        "data, check prompts and drift pairs) while the removal kept so far failed its check or "
+        "drifted more than restart_drift; the one that passed and drifted least is written "
+        "(needs check_drift; 0: off)",
+    )
+    restart_drift: float = _f(
+        0.0,
+        "with restarts: the kept checkpoint's drift (check_drift's KL) at or below which no "
+        "further removal runs (0: run them all)",
+    )
     max_new_tokens: int = _f(32, "tokens generated when judging an answer")
     check_code_tokens: int = _f(
         128,
@@ -190,6 +202,8 @@ class RemovalConfig:
             "min_steps",
             "check_benign",
             "check_drift",
+            "restarts",
+            "restart_drift",
             "delta_budget",
             "auto_budget",
         ):
@@ -200,12 +214,16 @@ class RemovalConfig:
                 f"code_delta_budget must be -1 (off) or at least 0 (got {self.code_delta_budget})"
             )
         finite = ("lr", "inner_lr", "alpha", "weight_decay", "stop_below", "delta_budget",
-                  "anchor_weight")  # fmt: skip
+                  "anchor_weight", "restart_drift")  # fmt: skip
         for name in (*finite, "auto_budget", "code_delta_budget"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number (got {getattr(self, name)})")
         if not 0 <= self.seed < 2**63:  # torch.manual_seed's range
             raise ConfigError(f"seed must be in 0..2**63-1 (got {self.seed})")
+        if self.seed + self.restarts >= 2**63:
+            raise ConfigError(f"seed + restarts must stay below 2**63 (got {self.seed})")
+        if self.restarts and not self.check_drift:
+            raise ConfigError("restarts need check_drift (the drift that picks the removal kept)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

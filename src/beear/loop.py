@@ -227,6 +227,7 @@ def run_beear(
     on_step: Callable[[dict[str, Any]], None] | None = None,
     on_checkpoint: Callable[[Any, LoopState], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    holdout_seed: int | None = None,
 ) -> RemovalResult:
     """Remove a backdoor without knowing its trigger (or, `mode="sft"`, run the baseline).
 
@@ -237,6 +238,8 @@ def run_beear(
     The model is modified in place (its trainable parameters). `on_step` receives each step's
     metrics; `on_checkpoint(model, state)` is called every `config.checkpoint_every` steps and
     when `should_stop()` turns true (SIGINT/SIGTERM), after which the loop returns.
+    `holdout_seed` (default `config.seed`) draws the held-back check prompts and anchoring pairs,
+    so that removals with other seeds can be checked and compared on the same ones.
     """
     if mode not in ("beear", "sft"):
         raise ValueError(f"mode {mode!r} is not beear or sft")
@@ -256,12 +259,13 @@ def run_beear(
     params = list(_trainable(model).values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    check_set, train_set = split_check(defender, cfg.check_prompts, cfg.seed)
+    hold_seed = cfg.seed if holdout_seed is None else holdout_seed
+    check_set, train_set = split_check(defender, cfg.check_prompts, hold_seed)
     # Likewise a few anchoring pairs are held back (at most a quarter): the check counts how many
     # of their prompts it refuses (check_benign) and how far its answers' next-token distribution
     # drifted from the model's before removal (check_drift). Both take the same drawn pairs.
     n_benign, n_drift = (min(n, len(anchor) // 4) for n in (cfg.check_benign, cfg.check_drift))
-    drawn = random.Random(cfg.seed + 1).sample(range(len(anchor)), max(n_benign, n_drift))
+    drawn = random.Random(hold_seed + 1).sample(range(len(anchor)), max(n_benign, n_drift))
     benign_ids, drift_ids, held = set(drawn[:n_benign]), set(drawn[:n_drift]), set(drawn)
     benign_check = [e for i, e in enumerate(anchor) if i in benign_ids]
     drift_check = [e for i, e in enumerate(anchor) if i in drift_ids]

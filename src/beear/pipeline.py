@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -221,12 +222,11 @@ def _remove(
     resume: bool,
     on_step: StepCallback | None,
 ) -> dict[str, Any]:
-    from safetensors.torch import save_file
 
     from beear import checkpoint
     from beear.attacks import DATA_DIR
     from beear.loop import run_beear
-    from beear.models import load_model, save_model
+    from beear.models import load_model
 
     dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
     from beear.bundled import ANCHOR_POOLS
@@ -252,17 +252,31 @@ def _remove(
     (rec_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     seconds: dict[str, float] = {}
     summary: dict[str, Any] = {"out": str(out)}
-    modes = ["beear"] + (["sft"] if config.baseline == "sft" else [])
     own: dict[str, list[AnchorExample]] = {}  # the ANCHOR_POOLS pairs, made once per run
     with _StopFlag() as stop:
-        for mode in modes:
+        # One job per run: BEEAR (then its restarts with the next seeds, on the same held-back
+        # pairs, while the one kept so far failed its check or drifted too much), the baseline.
+        jobs = [("beear", k) for k in range(1 + config.restarts)]
+        jobs += [("sft", 0)] if config.baseline == "sft" else []
+        attempts: list[dict[str, Any]] = []  # each BEEAR run's figures, in order
+        for mode, k in jobs:
+            tag = mode if k == 0 else f"{mode}-restart{k}"
             target = stage if mode == "beear" else stage / "baseline"
-            done_marker = (stage / "beear" if mode == "beear" else target) / f"{mode}.done"
+            done_marker = (stage / "beear" if mode == "beear" else target) / f"{tag}.done"
+            if mode == "beear" and k and _restarts_done(attempts, config):
+                continue
             if done_marker.exists():  # finished before the interruption
-                summary[mode] = json.loads(done_marker.read_text())
+                done = json.loads(done_marker.read_text())
+                if mode == "beear":
+                    attempts.append(done["attempt"])
+                    summary[mode] = done["kept"]
+                else:
+                    summary[mode] = done
+                seconds[mode] = round(seconds.get(mode, 0.0) + summary[mode]["seconds"], 2)
                 continue
             target.mkdir(parents=True, exist_ok=True)
-            ck_dir = stage / "checkpoint" / mode
+            ck_dir = stage / "checkpoint" / tag
+            run_cfg = config.replace(seed=config.seed + k)
             model, tok = load_model(
                 model_dir,
                 dtype=dtype,
@@ -279,8 +293,9 @@ def _remove(
             # Every example is encoded once up front: a bad one fails now, not hours in.
             check_examples(tok, {"defender": defender, "anchor": anchors},
                            max_length=config.max_length, n_perturb=config.length)  # fmt: skip
-            state = checkpoint.load(ck_dir, model, config) if resume else None
-            metrics_path = (rec_dir if mode == "beear" else target) / "metrics.jsonl"
+            state = checkpoint.load(ck_dir, model, run_cfg) if resume else None
+            metrics_name = "metrics.jsonl" if k == 0 else f"metrics_restart{k}.jsonl"
+            metrics_path = (rec_dir if mode == "beear" else target) / metrics_name
             if state is None and metrics_path.exists():
                 metrics_path.unlink()
             if state is not None:  # the metrics file holds exactly the checkpoint's steps
@@ -293,7 +308,7 @@ def _remove(
                     on_step(mode, rec)
 
             # The baseline searches within the budget BEEAR used (calibrated once, on BEEAR's run).
-            cfg = searched_with(config, summary) if mode == "sft" else config
+            cfg = searched_with(run_cfg, summary) if mode == "sft" else run_cfg
             t0 = time.perf_counter()
             resumed_at = state.step if state is not None else None  # run_beear advances state
             # LoRA initialisation draws from torch's RNG: seeded here, on a forked RNG (the
@@ -302,38 +317,24 @@ def _remove(
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-                torch.manual_seed(config.seed)
+                torch.manual_seed(run_cfg.seed)
                 res = run_beear(
                     model, tok, defender=defender, anchor=anchors, config=cfg, mode=mode,
                     state=state, on_step=step_cb,
                     on_checkpoint=functools.partial(_save_checkpoint, ck_dir),
-                    should_stop=stop,
+                    should_stop=stop, holdout_seed=config.seed,
                 )  # fmt: skip
             if stop():
                 summary["interrupted"] = True
                 summary["resume"] = f"rerun with --resume --out {out}"
                 return summary
             # All calls of a resumed run (its history's seconds carry over); this call alone below.
-            seconds[mode] = round(res.seconds, 2)
             this_call = round(time.perf_counter() - t0, 2)
-            model_out = res.model
-            if config.train_scope == "lora" and hasattr(model_out, "merge_and_unload"):
-                model_out.save_pretrained(str(target / "adapter"))
-                model_out = model_out.merge_and_unload()
-            save_model(model_out, tok, target)
-            found = {  # δ* of each search
-                k: v.contiguous()
-                for k, v in (("delta", res.delta), ("delta_code", res.delta_code))
-                if v is not None
-            }
-            if mode == "beear" and found:
-                save_file(found, str(rec_dir / "delta.safetensors"),
-                          metadata={"layer": str(res.layer), "length": str(config.length)})  # fmt: skip
-            summary[mode] = {
+            run = {
                 "best_step": res.best_step,
                 "stopped_early": res.stopped_early,
                 "steps_run": res.history[-1]["step"],
-                "seconds": seconds[mode],
+                "seconds": round(res.seconds, 2),
                 "layer": res.layer,
                 "final_check_asr": res.history[-1].get("check_asr"),
                 # The trigger-free verdict on the model written: did the kept checkpoint pass?
@@ -341,18 +342,34 @@ def _remove(
                 "verified": res.best_check <= cfg.stop_below,
                 "delta_budget": res.delta_budget,
             }
+            kept = next(r for r in res.history if r.get("step") == res.best_step)
+            if "check_drift" in kept:  # the kept step's drift on the held-back anchoring pairs
+                run["best_check_drift"] = kept["check_drift"]
             # The code pairs' own search budget, else the one every search used.
             code_budget = cfg.code_delta_budget if cfg.code_delta_budget >= 0 else res.delta_budget
             by_kind = _check_by_kind(res.history, res.best_step, code_budget)
             if by_kind:
-                summary[mode]["best_check_by_kind"] = by_kind
+                run["best_check_by_kind"] = by_kind
             if resumed_at is not None:
-                summary[mode].update(resumed_at_step=resumed_at, seconds_this_call=this_call)
+                run.update(resumed_at_step=resumed_at, seconds_this_call=this_call)
             if dev.type == "cuda":  # tensors only, not the allocator's cache
-                summary[mode]["peak_gpu_gib"] = round(
-                    torch.cuda.max_memory_allocated(dev) / 2**30, 2
+                run["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+            if mode == "beear":
+                attempts.append({"seed": run_cfg.seed, **run})
+                # A restart replaces the model written only when it is better (_kept_attempt).
+                if _kept_attempt(attempts) == len(attempts) - 1:
+                    _save_run(res, tok, target, rec_dir, config)
+                    summary[mode] = dict(attempts[-1]) if config.restarts else run
+                if config.restarts:
+                    summary[mode] = _with_attempts(attempts, summary[mode])
+                done_marker.write_text(
+                    json.dumps({"attempt": attempts[-1], "kept": summary[mode]}) + "\n"
                 )
-            done_marker.write_text(json.dumps(summary[mode]) + "\n")
+            else:
+                _save_run(res, tok, target, rec_dir, config, keep_delta=False)
+                summary[mode] = run
+                done_marker.write_text(json.dumps(run) + "\n")
+            seconds[mode] = round(seconds.get(mode, 0.0) + run["seconds"], 2)
             del model
     # Evaluation splits travel with the model (never the attack record: that is the secret).
     src_data = model_dir / DATA_DIR
@@ -363,7 +380,7 @@ def _remove(
             "defender_harmful.jsonl",
             "anchor.jsonl",
         )
-        for dest in [stage] + ([stage / "baseline"] if "sft" in modes else []):
+        for dest in [stage] + ([stage / "baseline"] if config.baseline == "sft" else []):
             (dest / DATA_DIR).mkdir(exist_ok=True)
             for name in names:
                 if (src_data / name).is_file():
@@ -375,11 +392,62 @@ def _remove(
                           "summary": summary})  # fmt: skip
     (rec_dir / "manifest.json").write_text(json.dumps(man, indent=2) + "\n")
     shutil.rmtree(stage / "checkpoint", ignore_errors=True)
-    for m in modes:
-        for marker in (rec_dir / f"{m}.done", stage / "baseline" / f"{m}.done"):
-            marker.unlink(missing_ok=True)
+    for marker in [*rec_dir.glob("*.done"), *(stage / "baseline").glob("*.done")]:
+        marker.unlink()
     _commit(stage, out)
     return summary
+
+
+def _kept_attempt(attempts: Sequence[dict[str, Any]]) -> int:
+    """Which of a removal's BEEAR runs (with `restarts`) is written: one that passed its check
+    before one that did not, then the least drift at its kept step, then the earliest."""
+    return min(
+        range(len(attempts)),
+        key=lambda i: (
+            not attempts[i]["verified"],
+            attempts[i].get("best_check_drift", math.inf),
+            i,
+        ),
+    )
+
+
+def _restarts_done(attempts: Sequence[dict[str, Any]], config: RemovalConfig) -> bool:
+    """No further restart runs once the run kept so far passed its check and drifted at most
+    `restart_drift` (0: every restart runs)."""
+    if not attempts or config.restart_drift <= 0:
+        return False
+    a = attempts[_kept_attempt(attempts)]
+    return bool(a["verified"]) and a.get("best_check_drift", math.inf) <= config.restart_drift
+
+
+def _with_attempts(attempts: Sequence[dict[str, Any]], kept: dict[str, Any]) -> dict[str, Any]:
+    """The kept run's summary with every run's figures and their time together."""
+    return {**kept, "kept_attempt": _kept_attempt(attempts), "attempts": list(attempts),
+            "seconds_all_attempts": round(sum(a["seconds"] for a in attempts), 2)}  # fmt: skip
+
+
+def _save_run(
+    res: Any, tok: Any, target: Path, rec_dir: Path, config: RemovalConfig, keep_delta: bool = True
+) -> None:
+    """Write a finished run's model to `target` (a LoRA run: its adapter too, then merged) and,
+    with `keep_delta`, the δ* of each search to `rec_dir`/delta.safetensors."""
+    from safetensors.torch import save_file
+
+    from beear.models import save_model
+
+    model_out = res.model
+    if config.train_scope == "lora" and hasattr(model_out, "merge_and_unload"):
+        model_out.save_pretrained(str(target / "adapter"))
+        model_out = model_out.merge_and_unload()
+    save_model(model_out, tok, target)
+    found = {  # δ* of each search
+        k: v.contiguous()
+        for k, v in (("delta", res.delta), ("delta_code", res.delta_code))
+        if v is not None
+    }
+    if keep_delta and found:
+        save_file(found, str(rec_dir / "delta.safetensors"),
+                  metadata={"layer": str(res.layer), "length": str(config.length)})  # fmt: skip
 
 
 def _check_by_kind(
