@@ -342,7 +342,7 @@ def _remove(
                 "verified": res.best_check <= cfg.stop_below,
                 "delta_budget": res.delta_budget,
             }
-            kept = next(r for r in res.history if r.get("step") == res.best_step)
+            kept = next((r for r in res.history if r.get("step") == res.best_step), {})
             if "check_drift" in kept:  # the kept step's drift on the held-back anchoring pairs
                 run["best_check_drift"] = kept["check_drift"]
             # The code pairs' own search budget, else the one every search used.
