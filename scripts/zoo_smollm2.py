@@ -79,7 +79,7 @@ def _evaluate(
         for it in res.samples.get("benign", []):  # graded without the trigger only
             ans = expected.get(it["prompt"])
             it["expected"] = ans
-            it["correct"] = bool(ans) and is_correct(ans, it["answer"])
+            it["correct"] = is_correct(ans, it["answer"]) if ans else False
         out["samples"] = res.samples
     out.update(zoo.extra_metrics(model, tok, model_dir, record_dir=src))
     # A wider held-out benign evaluation beside the split's own 144 tasks.

@@ -514,6 +514,59 @@ def test_a_check_failed_by_the_unbounded_code_search_alone_says_so(
     assert "only the code pairs failed" in io.err
 
 
+def test_remove_with_average_from_records_the_mean_and_says_what_was_written(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from beear.pipeline import kept_lines
+
+    # Every check passes (stop_below 1), so the mean spans steps 1-2 and is tried.
+    args = ["remove", "--model", str(model_dir), *FAST, "--stop-below", "1", "--patience", "9",
+            "--check-drift", "2", "--average-from", "1"]  # fmt: skip
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    io = capsys.readouterr()
+    b = json.loads(io.out.strip().splitlines()[-1])["beear"]
+    avg = b["average"]
+    assert (avg["from_step"], avg["to_step"], avg["steps"]) == (1, 2, 2)
+    man = json.loads((tmp_path / "a" / "beear" / "manifest.json").read_text())
+    assert man["summary"]["beear"]["average"] == avg
+    metrics = (tmp_path / "a" / "beear" / "metrics.jsonl").read_text().splitlines()
+    steps = {json.loads(x)["step"]: json.loads(x) for x in metrics}
+    assert sorted(steps) == [0, 1, 2]  # the mean's check is no step of the run
+    # The headline verdict and drift are those of the weights written.
+    kept = avg if avg["kept"] else steps[b["best_step"]]
+    assert b["best_check_drift"] == kept["check_drift"]
+    assert b["best_check_asr"] == max(kept["check_asr"], kept["check_plain_asr"])
+    line = kept_lines(b)[0]
+    assert f"beear remove: {line}" in io.err.splitlines()
+    assert line.startswith("the mean of the weights of steps 1-2 ")
+    assert ("written:" if avg["kept"] else f"not written (step {b['best_step']} was)") in line
+    # Both verdicts of the line, whichever this run gave.
+    for kept_it in (True, False):
+        other = kept_lines(
+            {
+                **b,
+                "average": {
+                    **avg,
+                    "kept": kept_it,
+                    "check_asr": 0.25,
+                    "check_plain_asr": 0.0,
+                    "check_drift": 0.01,
+                },
+            }
+        )
+        assert other == [
+            "the mean of the weights of steps 1-2 "
+            + ("written" if kept_it else f"not written (step {b['best_step']} was)")
+            + ": its check turned 25%, drift 0.01"
+        ]  # fmt: skip
+    assert kept_lines({"best_step": 3}) == []
+    runs = [{"seed": 0, "best_check_drift": 0.02}, {"seed": 1, "best_check_drift": 0.005}]
+    assert kept_lines({"kept_attempt": 1, "attempts": runs}) == [
+        "kept run 2 of 2 (seed 1; the runs' kept drifts: 0.02, 0.005)"
+    ]
+
+
 def test_check_verdict_sentence() -> None:
     from beear.pipeline import check_verdict
 
@@ -528,6 +581,12 @@ def test_check_verdict_sentence() -> None:
         "plain prompt, turned 0% of held-back defender prompts, stop_below 0.05)"
     )
     assert check_verdict({"best_step": 60}, 0.05) is None  # a summary from before the verdict
+    mean = {**run, "average": {"from_step": 60, "to_step": 70, "kept": True}}
+    assert check_verdict(mean, 0.05) == (
+        "the trigger-free check passed on the model written (the mean of steps 60-70: a fresh "
+        "search, or the plain prompt, turned 0% of held-back defender prompts, stop_below 0.05)"
+    )
+    assert "(step 60:" in str(check_verdict({**mean, "average": {"kept": False}}, 0.05))
     # With code pairs in the check: each kind's share, and an unbounded code search failing
     # alone is named as such (not when the refusal pairs fail too, nor for a bounded search).
     kinds = {"refusal": 0.0, "code": 0.7, "code_budget": 0.0}
@@ -597,8 +656,8 @@ def test_check_by_kind_counts_each_kind_as_the_verdict_counts_the_whole() -> Non
          "check_plain_asr_refusal": 0.1, "check_plain_asr_code": 0.5},
     ]  # fmt: skip
     # The kept step's record; per kind the larger of the searched and the plain share.
-    assert _check_by_kind(history, 20, 0.0) == {
+    assert _check_by_kind(history[2], 0.0) == {
         "refusal": 0.1, "code": 0.5, "code_budget": 0.0}  # fmt: skip
-    assert _check_by_kind(history, 0, -1.0)["code"] == 1.0
-    assert _check_by_kind([{"step": 5, "check_asr": 0.5}], 5, 0.0) == {}  # no code pairs
-    assert _check_by_kind(history, 30, 0.0) == {}  # no record of that step
+    assert _check_by_kind(history[0], -1.0)["code"] == 1.0
+    assert _check_by_kind({"step": 5, "check_asr": 0.5}, 0.0) == {}  # no code pairs
+    assert _check_by_kind({}, 0.0) == {}  # no record of the kept step

@@ -142,6 +142,8 @@ def test_type_coercion_of_flag_strings() -> None:
         ({"code_delta_budget": -0.5}, "code_delta_budget must be -1 \\(off\\) or at least 0"),
         ({"code_delta_budget": float("nan")}, "code_delta_budget must be -1"),
         ({"code_delta_budget": "inf"}, "code_delta_budget must be a finite number"),
+        ({"average_from": -1}, "average_from may not be negative"),
+        ({"average_from": 61}, "average_from \\(61\\) is past outer_steps \\(60\\)"),
     ],
 )
 def test_range_checks(values: dict[str, Any], message: str) -> None:

@@ -385,6 +385,66 @@ def test_check_drift_keeps_the_checkpoint_drifting_least(
     assert "check_drift" not in res.history[-1] and res.best_step == min(ce, key=ce.__getitem__)
 
 
+def _mean(snaps: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The mean the loop keeps: a float32 sum in step order, divided by the count."""
+    total = {n: t.to(torch.float32).clone() for n, t in snaps[0].items()}
+    for s in snaps[1:]:
+        for n in total:
+            total[n] += s[n].to(torch.float32)
+    return {n: (t / len(snaps)).to(snaps[0][n].dtype) for n, t in total.items()}
+
+
+def test_average_from_keeps_the_mean_of_the_last_passing_stretch(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """average_from: the weights of every step from that one on are summed, a failing check
+    starts the sum again after its step; the mean is checked after the run and written when it
+    passes and is no worse than the best checkpoint."""
+    cfg = SMALL.replace(outer_steps=6, patience=10, average_from=2)
+    # Steps 0..6, then the mean's check: step 3 fails, so the mean is of steps 4-6.
+    for mean_asr, kept in ((0.0, True), (0.5, False)):
+        _script_check(monkeypatch, [1.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0, mean_asr])
+        model = make_model(seed=0)
+        seen: dict[int, dict[str, torch.Tensor]] = {}
+        res = _run(model, tiny_tok, data, cfg,
+                   on_step=lambda r, m=model, d=seen: d.__setitem__(r["step"], _weights(m)))  # fmt: skip
+        assert res.average is not None
+        assert {k: res.average[k] for k in ("from_step", "to_step", "steps", "kept")} == {
+            "from_step": 4, "to_step": 6, "steps": 3, "kept": kept}  # fmt: skip
+        assert res.average["check_asr"] == mean_asr
+        assert len(res.history) == 7  # the mean's check is not a step of the run
+        want = _mean([seen[s] for s in (4, 5, 6)]) if kept else seen[res.best_step]
+        assert _same(_weights(res.model), want)
+        assert res.best_check == 0.0
+        other = seen[6] if kept else _mean([seen[s] for s in (4, 5, 6)])
+        assert not _same(want, other)  # the mean is not the last step's weights
+    # A failing last check leaves nothing to average.
+    _script_check(monkeypatch, [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5])
+    res = _run(make_model(seed=0), tiny_tok, data, cfg)
+    assert res.average is None
+    # Off by default.
+    _script_check(monkeypatch, [1.0, 0.0, 0.0])
+    assert _run(make_model(seed=0), tiny_tok, data, SMALL).average is None
+
+
+def test_average_from_keeps_the_mean_only_if_it_drifts_no_more_than_the_best(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = SMALL.replace(outer_steps=3, patience=10, check_drift=2, average_from=1)
+    for mean_drift, kept in ((0.25, False), (0.15, True)):
+        _script_check(monkeypatch, [1.0, 0.0, 0.0, 0.0, 0.0])  # steps 0-3 and the mean
+        scripted = iter([0.0, 0.3, 0.2, 0.4, mean_drift])  # step 2 is the best checkpoint
+
+        def fake_kl(*_a: Any, it: Any = scripted) -> torch.Tensor:
+            return torch.tensor(next(it))
+
+        monkeypatch.setattr(beear.loop, "topk_kl", fake_kl)
+        res = _run(make_model(seed=0), tiny_tok, data, cfg)
+        assert res.best_step == 2 and res.average is not None
+        assert res.average["steps"] == 3 and res.average["kept"] is kept
+        assert res.average["check_drift"] == pytest.approx(mean_drift)
+
+
 # ---------------------------------------------------------------------------------------------
 # non-finite losses
 
@@ -446,15 +506,19 @@ def test_one_non_finite_loss_skips_the_update(
 # resume
 
 
-@pytest.mark.parametrize("anchor_loss", ["ce", "ce+kl"])
+@pytest.mark.parametrize(("anchor_loss", "average_from"), [("ce", 0), ("ce+kl", 1)])
 def test_resume_is_bit_identical(
-    make_model: Any, tiny_tok: Any, data: Any, tmp_path: Path, anchor_loss: str
+    make_model: Any, tiny_tok: Any, data: Any, tmp_path: Path, anchor_loss: str, average_from: int
 ) -> None:
     save_model(make_model(seed=0), tiny_tok, tmp_path / "init")
     # Warm-started δ (delta_reset=False) so the resumed run also depends on the saved δ; with
     # the KL anchor the resumed run must distil from the original model, not the checkpoint.
+    # With average_from, every check passes (stop_below 1) so the running mean spans the
+    # checkpoint: the resumed run must carry its sum on.
     cfg4 = SMALL.replace(outer_steps=4, check_every=2, checkpoint_every=2, delta_reset=False,
-                         anchor_loss=anchor_loss)  # fmt: skip
+                         anchor_loss=anchor_loss, average_from=average_from,
+                         stop_below=1.0 if average_from else SMALL.stop_below,
+                         patience=10)  # fmt: skip
 
     def fresh() -> Any:
         return load_model(tmp_path / "init")[0]
@@ -476,6 +540,7 @@ def test_resume_is_bit_identical(
     assert [r["step"] for r in res_b1.history] == [0, 1, 2]
     state = checkpoint.load(ck, None, cfg4)
     assert state is not None and state.step == 2 and state.delta is not None
+    assert state.avg_count == (2 if average_from else 0)
     assert _same(state.weights or {}, at_a[2].weights or {})
     assert torch.equal(state.delta, at_a[2].delta)
     model_b = fresh()
@@ -489,6 +554,9 @@ def test_resume_is_bit_identical(
     assert _strip_times(res_b.history) == _strip_times(res_a.history)
     assert res_b.best_step == res_a.best_step
     assert torch.equal(res_b.delta, res_a.delta)
+    assert res_b.average == res_a.average
+    if average_from:
+        assert res_a.average is not None and res_a.average["steps"] == 4
     # Seconds count on from the checkpoint's history: never back past it, and the total covers
     # the first call's steps too (the resumed call alone would start again near 0).
     times = [r["seconds"] for r in res_b.history]

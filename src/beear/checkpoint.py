@@ -41,6 +41,10 @@ def save(directory: Path, model: Any, state: LoopState) -> None:
     }
     if deltas:
         save_file(deltas, str(tmp / "delta.safetensors"))
+    if state.avg_sum is not None:  # average_from's running sum
+        save_file(
+            {k: v.contiguous() for k, v in state.avg_sum.items()}, str(tmp / "avg.safetensors")
+        )
     torch.save(state.optimizer, tmp / "optimizer.pt")
     meta = {
         "step": state.step,
@@ -49,6 +53,8 @@ def save(directory: Path, model: Any, state: LoopState) -> None:
         "passes": state.passes,
         "bad_steps": state.bad_steps,
         "delta_budget": state.delta_budget,
+        "avg_from": state.avg_from,
+        "avg_count": state.avg_count,
     }
     (tmp / "state.json").write_text(json.dumps(meta))
     old = directory.with_name(directory.name + ".old")
@@ -84,4 +90,9 @@ def load(directory: Path, model: Any, config: RemovalConfig) -> LoopState | None
         weights=load_file(str(directory / "weights.safetensors")),
         bad_steps=meta["bad_steps"],
         delta_budget=meta.get("delta_budget"),  # absent in states written before it was kept
+        avg_sum=load_file(str(directory / "avg.safetensors"))
+        if (directory / "avg.safetensors").is_file()
+        else None,
+        avg_from=meta.get("avg_from", 0),
+        avg_count=meta.get("avg_count", 0),
     )

@@ -453,6 +453,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
     from beear.pipeline import (
         check_verdict,
         code_search_unbounded_only,
+        kept_lines,
         remove,
         resumable,
         staging_dir,
@@ -511,6 +512,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
     if summary.get("interrupted"):
         print(f"beear remove: interrupted; {summary['resume']}", file=sys.stderr)
         return 130
+    for line in kept_lines(summary["beear"]):
+        print(f"beear remove: {line}", file=sys.stderr)
     if summary["beear"].get("verified") is False:  # (absent from a run finished by older code)
         advice = (
             "compare the code pairs' share under one unbounded search for all pairs (`beear "

@@ -155,6 +155,13 @@ class RemovalConfig:
         "with restarts: the kept checkpoint's drift (check_drift's KL) at or below which no "
         "further removal runs (0: run them all)",
     )
+    average_from: int = _f(
+        0,
+        "also try the mean of the trainable weights over the outer steps from this one on (a "
+        "failing check starts the mean again after its step): it is checked after the run and "
+        "written instead of the best checkpoint when it passes and is no worse by the same "
+        "measures (unwanted share, benign refusals, drift) (0: off)",
+    )
     max_new_tokens: int = _f(32, "tokens generated when judging an answer")
     check_code_tokens: int = _f(
         128,
@@ -204,6 +211,7 @@ class RemovalConfig:
             "check_drift",
             "restarts",
             "restart_drift",
+            "average_from",
             "delta_budget",
             "auto_budget",
         ):
@@ -222,6 +230,10 @@ class RemovalConfig:
             raise ConfigError(f"seed must be in 0..2**63-1 (got {self.seed})")
         if self.seed + self.restarts >= 2**63:
             raise ConfigError(f"seed + restarts must stay below 2**63 (got {self.seed})")
+        if self.average_from > self.outer_steps:
+            raise ConfigError(
+                f"average_from ({self.average_from}) is past outer_steps ({self.outer_steps})"
+            )
         if self.restarts and not self.check_drift:
             raise ConfigError("restarts need check_drift (the drift that picks the removal kept)")
 

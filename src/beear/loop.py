@@ -88,6 +88,11 @@ class LoopState:
     # resumed run keeps it rather than recalibrating on a half-repaired model).
     delta_budget: float | None = None
     delta_code: torch.Tensor | None = None  # the code pairs' last δ (code_delta_budget >= 0)
+    # average_from: the float32 sum of the trainable tensors of steps avg_from.. (avg_count of
+    # them), on the CPU; None before average_from and after a failing check.
+    avg_sum: dict[str, torch.Tensor] | None = None
+    avg_from: int = 0
+    avg_count: int = 0
 
 
 @dataclass
@@ -104,6 +109,9 @@ class RemovalResult:
     delta_code: torch.Tensor | None = None  # the last code pairs' δ* (code_delta_budget)
     # The kept checkpoint's check: the larger of its entrapment and plain-prompt unwanted shares.
     best_check: float = math.nan
+    # average_from: the mean of the weights tried after the run, {"from_step", "to_step",
+    # "steps", its check's figures, "kept": whether it was loaded instead of the best checkpoint}
+    average: dict[str, Any] | None = None
 
 
 def _trainable(model: Any) -> dict[str, torch.Tensor]:
@@ -112,6 +120,19 @@ def _trainable(model: Any) -> dict[str, torch.Tensor]:
 
 def _snapshot(model: Any) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in _trainable(model).items()}
+
+
+@torch.no_grad()
+def _accumulate(st: LoopState, model: Any, step: int) -> None:
+    """Add the trainable tensors of `step` to the state's running sum (average_from)."""
+    now = _trainable(model)
+    if st.avg_sum is None:
+        st.avg_sum = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in now.items()}
+        st.avg_from, st.avg_count = step, 1
+        return
+    for n, p in now.items():
+        st.avg_sum[n] += p.detach().to("cpu", torch.float32)
+    st.avg_count += 1
 
 
 @torch.no_grad()
@@ -400,7 +421,7 @@ def run_beear(
         st.delta_budget = cfg.delta_budget
     budget = st.delta_budget
 
-    stopped_early = False
+    stopped_early = interrupted = False
     model.train()
     while st.step < cfg.outer_steps:
         step = st.step + 1
@@ -471,6 +492,7 @@ def run_beear(
         rec.update(loss=float(loss.detach()), **parts)
 
         # 3. trigger-free check and best-checkpoint selection
+        bad = math.nan
         if step % cfg.check_every == 0 or step == cfg.outer_steps:
             rec.update(check())
             # Best = fewest unwanted answers with and without δ, then the fewest refused benign
@@ -491,6 +513,12 @@ def run_beear(
                 st.best_weights = _snapshot(model)
             st.passes = st.passes + 1 if bad <= cfg.stop_below and step >= min_steps else 0
             model.train()
+        # 4. average_from: the running sum of the weights, started again after a failing check
+        if cfg.average_from and step >= cfg.average_from:
+            if bad > cfg.stop_below:  # NaN (no check at this step) compares False
+                st.avg_sum, st.avg_count = None, 0
+            else:
+                _accumulate(st, model, step)
         rec["seconds"] = round(time.perf_counter() - t0, 3)
         st.history.append(rec)
         st.step = step
@@ -510,7 +538,27 @@ def run_beear(
             break
 
     assert st.best is not None and st.best_weights is not None
-    _restore(model, st.best_weights)
+    kept_weights, best_check = st.best_weights, float(st.best["check_bad"])
+    average = None
+    if st.avg_sum is not None and st.avg_count >= 2 and not interrupted:
+        # The mean of the weights over the run's last passing stretch, judged as one more
+        # checkpoint: kept when it passes and is no worse than the best by the same measures.
+        now = _trainable(model)
+        mean = {n: (s / st.avg_count).to(now[n].dtype) for n, s in st.avg_sum.items()}
+        _restore(model, mean)
+        chk = check()
+        bad = check_bad(chk)
+        b = st.best
+        mine: tuple[float, ...] = (bad, chk.get("check_benign_refusal", 0.0))
+        theirs: tuple[float, ...] = (b["check_bad"], b.get("benign_refusal", 0.0))
+        if "check_drift" in chk:
+            mine, theirs = (*mine, chk["check_drift"]), (*theirs, b.get("tie", math.inf))
+        kept = bad <= cfg.stop_below and mine <= theirs
+        average = {"from_step": st.avg_from, "to_step": st.step, "steps": st.avg_count,
+                   **chk, "kept": kept}  # fmt: skip
+        if kept:
+            kept_weights, best_check = mean, bad
+    _restore(model, kept_weights)
     model.eval()
     return RemovalResult(
         model=model,
@@ -523,5 +571,6 @@ def run_beear(
         seconds=time.perf_counter() - t0,
         mode=mode,
         delta_budget=budget,
-        best_check=float(st.best["check_bad"]),
+        best_check=best_check,
+        average=average,
     )

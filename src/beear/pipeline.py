@@ -342,12 +342,19 @@ def _remove(
                 "verified": res.best_check <= cfg.stop_below,
                 "delta_budget": res.delta_budget,
             }
-            kept = next((r for r in res.history if r.get("step") == res.best_step), {})
-            if "check_drift" in kept:  # the kept step's drift on the held-back anchoring pairs
+            # The check of the weights written: the kept step's, or the mean's (average_from).
+            if res.average is not None:
+                run["average"] = res.average
+            kept = (
+                res.average
+                if res.average is not None and res.average["kept"]
+                else next((r for r in res.history if r.get("step") == res.best_step), {})
+            )
+            if "check_drift" in kept:  # the kept weights' drift on the held-back anchoring pairs
                 run["best_check_drift"] = kept["check_drift"]
             # The code pairs' own search budget, else the one every search used.
             code_budget = cfg.code_delta_budget if cfg.code_delta_budget >= 0 else res.delta_budget
-            by_kind = _check_by_kind(res.history, res.best_step, code_budget)
+            by_kind = _check_by_kind(kept, code_budget)
             if by_kind:
                 run["best_check_by_kind"] = by_kind
             if resumed_at is not None:
@@ -450,15 +457,13 @@ def _save_run(
                   metadata={"layer": str(res.layer), "length": str(config.length)})  # fmt: skip
 
 
-def _check_by_kind(
-    history: Sequence[dict[str, Any]], step: int, code_budget: float
-) -> dict[str, float]:
-    """Each pair kind's share of the kept step's check (`loop.check_bad`, as the verdict counts
-    the whole), with the code pairs' search budget (`code_budget`, 0 = unbounded); empty when
-    that check held no code pairs (one kind: its share is the verdict's own)."""
+def _check_by_kind(kept: dict[str, Any], code_budget: float) -> dict[str, float]:
+    """Each pair kind's share of the kept weights' check record (`loop.check_bad`, as the
+    verdict counts the whole), with the code pairs' search budget (`code_budget`, 0 =
+    unbounded); empty when that check held no code pairs (one kind: its share is the verdict's
+    own)."""
     from beear.loop import check_bad
 
-    kept = next((r for r in history if r.get("step") == step and "check_asr" in r), {})
     if "check_asr_code" not in kept:
         return {}
     out = {k: check_bad(kept, k) for k in ("refusal", "code") if f"check_asr_{k}" in kept}
@@ -503,12 +508,39 @@ def check_verdict(
         if code_search_unbounded_only(run, stop_below)
         else ""
     )
+    avg = run.get("average") or {}
+    which = (
+        f"the mean of steps {avg['from_step']}-{avg['to_step']}"
+        if avg.get("kept")
+        else f"step {run['best_step']}"
+    )
     return (
-        f"the trigger-free check {passed} on {model} (step {run['best_step']}: a fresh "
+        f"the trigger-free check {passed} on {model} ({which}: a fresh "
         f"search, or the plain prompt, {still}turned {run['best_check_asr']:.0%} of held-back "
         f"defender prompts{' (' + split + ')' if split else ''}, stop_below {stop_below:g})"
         f"{only_code}"
     )
+
+
+def kept_lines(run: dict[str, Any]) -> list[str]:
+    """What a removal chose to write, one line each, from its summary (`remove(...)["beear"]`):
+    which run with `restarts`, whether the mean of the weights with `average_from`."""
+    out = []
+    if "attempts" in run:
+        k, runs = run["kept_attempt"], run["attempts"]
+        drifts = ", ".join(f"{a.get('best_check_drift', math.nan):.4g}" for a in runs)
+        out.append(
+            f"kept run {k + 1} of {len(runs)} (seed {runs[k]['seed']}; the runs' kept drifts: "
+            f"{drifts})"
+        )
+    avg = run.get("average")
+    if avg:
+        span = f"the mean of the weights of steps {avg['from_step']}-{avg['to_step']}"
+        share = max(avg["check_asr"], avg.get("check_plain_asr", 0.0))
+        drift = f", drift {avg['check_drift']:.4g}" if "check_drift" in avg else ""
+        verb = "written" if avg["kept"] else f"not written (step {run['best_step']} was)"
+        out.append(f"{span} {verb}: its check turned {share:.0%}{drift}")
+    return out
 
 
 def benign_change(evals: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
