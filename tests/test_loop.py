@@ -506,9 +506,18 @@ def test_one_non_finite_loss_skips_the_update(
 # resume
 
 
-@pytest.mark.parametrize(("anchor_loss", "average_from"), [("ce", 0), ("ce+kl", 1)])
+@pytest.mark.parametrize(
+    ("anchor_loss", "average_from", "scope"),
+    [("ce", 0, "all"), ("ce+kl", 1, "all"), ("kl", 0, "lora")],
+)
 def test_resume_is_bit_identical(
-    make_model: Any, tiny_tok: Any, data: Any, tmp_path: Path, anchor_loss: str, average_from: int
+    make_model: Any,
+    tiny_tok: Any,
+    data: Any,
+    tmp_path: Path,
+    anchor_loss: str,
+    average_from: int,
+    scope: str,
 ) -> None:
     save_model(make_model(seed=0), tiny_tok, tmp_path / "init")
     # Warm-started δ (delta_reset=False) so the resumed run also depends on the saved δ; with
@@ -516,7 +525,7 @@ def test_resume_is_bit_identical(
     # With average_from, every check passes (stop_below 1) so the running mean spans the
     # checkpoint: the resumed run must carry its sum on.
     cfg4 = SMALL.replace(outer_steps=4, check_every=2, checkpoint_every=2, delta_reset=False,
-                         anchor_loss=anchor_loss, average_from=average_from,
+                         anchor_loss=anchor_loss, average_from=average_from, train_scope=scope,
                          stop_below=1.0 if average_from else SMALL.stop_below,
                          patience=10)  # fmt: skip
 

@@ -276,7 +276,11 @@ def run_beear(
     t0 = time.perf_counter() - (float(st.history[-1].get("seconds", 0.0)) if st.history else 0.0)
     device = next(model.parameters()).device
     layer = resolve_layer(model, cfg.layer)
-    model = select_trainable(model, scope=cfg.train_scope, layer=layer, lora_rank=cfg.lora_rank)
+    # LoRA's A matrices start random: drawn from the run's seed (not the global generator), so a
+    # run repeats, and a resumed one starts from the same adapters its checkpoint then overwrites.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        model = select_trainable(model, scope=cfg.train_scope, layer=layer, lora_rank=cfg.lora_rank)
     params = list(_trainable(model).values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
