@@ -305,6 +305,27 @@ def test_min_steps_gates_the_stop_and_the_best_checkpoint(
     assert res.best_step == 2 and not res.stopped_early
 
 
+def test_early_checks_off_skips_the_checks_before_min_steps_and_trains_the_same(
+    make_model: Any, tiny_tok: Any, data: Any
+) -> None:
+    cfg = SMALL.replace(outer_steps=4, min_steps=2)
+    with_early = _run(make_model(seed=0), tiny_tok, data, cfg)
+    without = _run(make_model(seed=0), tiny_tok, data, cfg.replace(early_checks=False))
+    checked = [
+        [r["step"] for r in res.history if "check_asr" in r] for res in (with_early, without)
+    ]
+    assert checked == [[0, 1, 2, 3, 4], [0, 2, 3, 4]]
+    # The skipped check chose nothing: the same steps, checks from min_steps on and weights.
+    for a, b in zip(_strip_times(with_early.history), _strip_times(without.history), strict=True):
+        assert b == (a if a["step"] != 1 else {k: v for k, v in a.items() if "check" not in k})
+    assert without.best_step == with_early.best_step
+    assert _same(_weights(without.model), _weights(with_early.model))
+    # With average_from before min_steps the checks run from average_from (they restart the mean).
+    res = _run(make_model(seed=0), tiny_tok, data,
+               cfg.replace(early_checks=False, min_steps=3, average_from=2))  # fmt: skip
+    assert [r["step"] for r in res.history if "check_asr" in r] == [0, 2, 3, 4]
+
+
 def test_check_benign_keeps_the_checkpoint_refusing_fewest(
     make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -131,6 +131,12 @@ class RemovalConfig:
         "outer steps before a check may stop the run or be kept as the best checkpoint "
         "(an early check can pass on a model that only resists the search)",
     )
+    early_checks: bool = _f(
+        True,
+        "also run the checks before min_steps (and before average_from): they choose nothing "
+        "and only record the curve; false skips them, which saves their time and leaves the "
+        "trained weights bit for bit the same",
+    )
     check_benign: int = _f(
         0,
         "held-back anchoring prompts whose refusals each check counts; among equally safe "

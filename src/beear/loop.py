@@ -296,6 +296,9 @@ def run_beear(
     drift_check = [e for i, e in enumerate(anchor) if i in drift_ids]
     anchor = [e for i, e in enumerate(anchor) if i not in held]
     min_steps = min(cfg.min_steps, cfg.outer_steps)
+    # Checks before min_steps only record the curve, unless average_from needs them to restart
+    # its mean; early_checks = false skips them (the data order and δ do not depend on them).
+    first_check = 0 if cfg.early_checks else min(min_steps, cfg.average_from or min_steps)
 
     def encode(examples: Sequence[AnchorExample]) -> Any:
         enc = [
@@ -497,7 +500,7 @@ def run_beear(
 
         # 3. trigger-free check and best-checkpoint selection
         bad = math.nan
-        if step % cfg.check_every == 0 or step == cfg.outer_steps:
+        if (step % cfg.check_every == 0 or step == cfg.outer_steps) and step >= first_check:
             rec.update(check())
             # Best = fewest unwanted answers with and without δ, then the fewest refused benign
             # prompts, then the least drift on held-back anchoring pairs (check_drift; else the
