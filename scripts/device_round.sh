@@ -150,7 +150,8 @@ batch)
     # 13 GiB of GPU memory each), their archives in one file (the device tool returns at most
     # eight). Every `setting` job runs until JOB_LIMIT; `batch ... --reuse` resumes them all.
     # MAXJOBS=N: at most N at once, the others start in the listed order as earlier ones end
-    # (a call that finishes resumed jobs starts new ones in the time they leave).
+    # (a call that finishes resumed jobs starts new ones in the time they leave; MIN_START
+    # below keeps a job that could not finish its attack for the next call).
     # BATCH=NAME: a batch of its own (stage, logs, OUT/batch_NAME.tgz), so that two batches
     # with different variants run side by side (on different settings: they share the attacks).
     #   [MAXJOBS=7] bash scripts/device_round.sh batch "2:suffix-word 0:sandwich" [--reuse] ship:ship,...
@@ -162,6 +163,12 @@ batch)
     mkdir -p "$stage"
     for j in "${jobs[@]}"; do
         while [ "$(jobs -rp | wc -l)" -ge "${MAXJOBS:-99}" ]; do wait -n; done
+        # MIN_START=S: a job is not started with fewer than S seconds left (an attack cut by
+        # the limit is made again from scratch; `--reuse` on the next call starts it instead).
+        if [ $((end - $(date +%s))) -lt "${MIN_START:-0}" ]; then
+            echo "-- $(date +%T) not started, under ${MIN_START}s left: $j" >>"$BX/${name}_order.log"
+            continue
+        fi
         echo "-- $(date +%T) start $j" >>"$BX/${name}_order.log"
         OUT="$stage" SEED="${j%%:*}" JOB_LIMIT="$((end - $(date +%s)))" \
             bash "$0" setting "${j#*:}" "$@" >"$BX/${name}_$j.log" 2>&1 &
