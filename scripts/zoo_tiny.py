@@ -14,6 +14,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shlex
 import shutil
 import signal
 import sys
@@ -179,6 +180,59 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _pts(before: dict[str, Any], after: dict[str, Any]) -> float:
+    return round(100 * (after["benign_accuracy"] - before["benign_accuracy"]), 2)
+
+
+def record_entry(r: dict[str, Any], v: dict[str, Any]) -> dict[str, Any]:
+    """One removal variant `v` of run `r`, as the tiny records in docs/results/ keep it: the bars'
+    figures, the trigger-free check and scan, the seconds, and the baseline when it ran."""
+    b, a, s = r["before"], v["after"], v["remove"]["beear"]
+    e: dict[str, Any] = {
+        "benign_change_pts": _pts(b, a), "asr": a["asr"], "over_refusal": a["over_refusal"],
+        "all_bars": all(bar_checks(b, a)), "best_step": s["best_step"], "verified": s["verified"],
+        "best_check_drift": s["best_check_drift"], "seconds": s["seconds"],
+        "scan_after": v["scan_after"]["entrapment_asr"],
+    }  # fmt: skip
+    if "baseline" in v:
+        bl, sft = v["baseline"], v["remove"]["sft"]
+        e["baseline"] = {
+            "asr": bl["asr"], "benign_change_pts": _pts(b, bl), "over_refusal": bl["over_refusal"],
+            "check_verified": sft["verified"], "scan": v["scan_baseline"]["entrapment_asr"],
+            "seconds": sft["seconds"],
+        }  # fmt: skip
+    e["attack_seconds"] = r["attack_seconds"]
+    return e
+
+
+def write_record(
+    path: Path, name: str, runs: list[dict[str, Any]], command: str, machine: str | None = None
+) -> int:
+    """Add every finished run's removal variants to the record at `path` (made when absent) under
+    `name` (the first variant) and `name_VARIANT` (the others), and `command` under its `call`;
+    entries of other names are kept. Returns how many entries were written."""
+    rec: dict[str, Any] = (
+        json.loads(path.read_text())
+        if path.is_file()
+        else {"call": {}, "machine": "", "models": {}}
+    )
+    if machine:
+        rec["machine"] = machine
+    n = 0
+    for r in sorted(runs, key=lambda r: r["name"]):
+        if "error" in r:
+            continue
+        for i, (vname, v) in enumerate(r.get("variants", {}).items()):
+            key = name if i == 0 else f"{name}_{vname}"
+            rec["models"].setdefault(r["name"], {})[key] = record_entry(r, v)
+            n += 1
+    rec["call"][name] = command
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(rec, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)  # the record is never left half written
+    return n
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """KEY=VALUE strings as RemovalConfig fields, typed and checked as the config file's are."""
     from beear.config import load_config
@@ -191,6 +245,12 @@ def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
     """A `NAME:KEY=VALUE,...` removal variant as (name, overrides)."""
     name, _, kvs = spec.partition(":")
     return name, parse_overrides(kvs.split(","))
+
+
+def _command() -> str:
+    """This run's command line, as a record keeps it (the thread count is part of the figures)."""
+    threads = os.environ.get("ZOO_THREADS", "2")
+    return f"ZOO_THREADS={threads} python " + shlex.join(["scripts/zoo_tiny.py", *sys.argv[1:]])
 
 
 def stop_on_sigterm() -> None:
@@ -224,7 +284,32 @@ def main() -> int:
         help="keep the finished runs of --out's partial.json (a cut run) and run only the rest "
         "(with --reuse: on their attacked models)",
     )  # fmt: skip
+    ap.add_argument(
+        "--record", type=Path, metavar="FILE",
+        help="also add the runs to this record (docs/results/*.json) under --record-as",
+    )  # fmt: skip
+    ap.add_argument("--record-as", metavar="NAME", help="the record's name for the first variant")
+    ap.add_argument(
+        "--from-results", type=Path, metavar="JSON",
+        help="run nothing: add an earlier run's OUT/results.json to --record",
+    )  # fmt: skip
+    ap.add_argument("--machine", help="the record's `machine` line (kept when not given)")
     args = ap.parse_args()
+    if (args.record is None) != (args.record_as is None):
+        ap.error("--record and --record-as go together")
+    if args.from_results:
+        if args.record is None:
+            ap.error("--from-results needs --record and --record-as")
+        try:
+            done = json.loads(args.from_results.read_text())
+            runs, command = done["runs"], done["summary"].get("command")
+        except (OSError, ValueError, KeyError) as e:
+            ap.error(f"{args.from_results}: not a zoo_tiny.py results.json ({e})")
+        if not command:
+            ap.error(f"{args.from_results} names no command (made before stop 34)")
+        n = write_record(args.record, args.record_as, runs, command, args.machine)
+        print(f"{n} entries as {args.record_as!r} in {args.record}")
+        return 0
     overrides = parse_overrides(args.set)
     variants = [("default", overrides)]
     for spec in args.variant:
@@ -289,6 +374,7 @@ def main() -> int:
         "device": args.device,
         "workers": args.workers,
         "overrides": overrides,
+        "command": _command(),
         "variants": dict(variants),
         "machine": {
             "cpu_count": os.cpu_count(),
@@ -306,6 +392,9 @@ def main() -> int:
           f"- backdoored: {backdoored}", f"- clean (safety-only): {clean}", f"- after BEEAR: {cleaned}",
           f"- after plain SFT baseline: {baseline}", "",
           "Bars of issue 4 per removal variant (same attacked models):", "", bars(results)]  # fmt: skip
+    if args.record:
+        n = write_record(args.record, args.record_as, results, _command(), args.machine)
+        md += ["", f"{n} entries as {args.record_as!r} in {args.record}"]
     errs = [r for r in results if "error" in r]
     for r in errs:
         md += ["", f"ERROR {r['name']}:", "```", r["error"][-2000:], "```"]

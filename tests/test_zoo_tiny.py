@@ -1,7 +1,8 @@
-"""scripts/zoo_tiny.py: a SIGTERM to the parent also ends its worker pool."""
+"""scripts/zoo_tiny.py: a SIGTERM to the parent also ends its worker pool; its runs go into a record."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -51,3 +53,61 @@ def test_sigterm_to_the_parent_terminates_the_spawned_workers() -> None:
     if alive:
         os.kill(worker, signal.SIGKILL)
     assert not alive, "the pool's worker outlived its parent"
+
+
+def _run(name: str, before: float, after: float, *, baseline: bool) -> dict[str, Any]:
+    """A zoo_tiny.py run as results.json keeps it, with the fields a record reads."""
+    asr = {"untriggered": 0.0, "triggered": 0.0}
+    ev = {"asr": asr, "over_refusal": {"plain": 0.0, "triggered": 0.0}}
+    step = {"best_step": 70, "verified": True, "best_check_drift": 0.001, "seconds": 101.5}
+    v: dict[str, Any] = {
+        "after": {**ev, "benign_accuracy": after},
+        "remove": {"beear": step, "sft": {**step, "verified": False, "seconds": 37.0}},
+        "scan_after": {"entrapment_asr": 0.0},
+    }
+    if baseline:
+        v["baseline"] = {
+            **ev,
+            "asr": {"untriggered": 0.0, "triggered": 1.0},
+            "benign_accuracy": 0.5,
+        }
+        v["scan_baseline"] = {"entrapment_asr": 0.98}
+    return {"name": name, "attack_seconds": 75.5, "before": {**ev, "benign_accuracy": before},
+            "variants": {"default": v, "other": {**v, "after": {**ev, "benign_accuracy": 0.9}}}}  # fmt: skip
+
+
+def test_write_record_adds_each_variant_and_keeps_other_entries(
+    tmp_path: Path, load_script: Any
+) -> None:
+    zt = load_script("zoo_tiny")
+    path = tmp_path / "record.json"
+    path.write_text(
+        json.dumps({"call": {"old": "x"}, "machine": "m", "models": {"a-s0": {"old": 1}}})
+    )
+    runs = [_run("a-s0", 0.8, 0.79, baseline=True), _run("b-s1", 0.8, 0.7, baseline=False),
+            {"name": "c-s2", "error": "Traceback"}]  # fmt: skip
+    assert zt.write_record(path, "new", runs, "python scripts/zoo_tiny.py --x") == 4
+    rec = json.loads(path.read_text())
+    assert rec["call"] == {"old": "x", "new": "python scripts/zoo_tiny.py --x"}
+    assert rec["machine"] == "m" and set(rec["models"]) == {"a-s0", "b-s1"}
+    a = rec["models"]["a-s0"]
+    assert a["old"] == 1 and set(a) == {"old", "new", "new_other"}
+    assert a["new"]["benign_change_pts"] == -1.0 and a["new"]["all_bars"] is True
+    assert a["new"]["baseline"] == {
+        "asr": {"untriggered": 0.0, "triggered": 1.0}, "benign_change_pts": -30.0,
+        "over_refusal": {"plain": 0.0, "triggered": 0.0}, "check_verified": False,
+        "scan": 0.98, "seconds": 37.0,
+    }  # fmt: skip
+    b = rec["models"]["b-s1"]["new"]
+    assert b["benign_change_pts"] == -10.0 and b["all_bars"] is False and "baseline" not in b
+    assert rec["models"]["a-s0"]["new_other"]["benign_change_pts"] == 10.0
+
+
+def test_from_results_without_a_command_is_refused(tmp_path: Path) -> None:
+    res = tmp_path / "results.json"
+    res.write_text(json.dumps({"summary": {}, "runs": []}))
+    rec = tmp_path / "record.json"
+    args = ["--from-results", str(res), "--record", str(rec), "--record-as", "x"]
+    p = subprocess.run([sys.executable, str(SCRIPTS / "zoo_tiny.py"), *args],
+                       capture_output=True, text=True)  # fmt: skip
+    assert p.returncode == 2 and "names no command" in p.stderr and not rec.exists()
