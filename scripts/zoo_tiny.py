@@ -297,6 +297,14 @@ def main() -> int:
     args = ap.parse_args()
     if (args.record is None) != (args.record_as is None):
         ap.error("--record and --record-as go together")
+    if args.record is not None:  # found out now, not after the runs
+        if not args.record.parent.is_dir():
+            ap.error(f"--record: no folder {args.record.parent}")
+        try:
+            if args.record.is_file() and "models" not in json.loads(args.record.read_text()):
+                ap.error(f"--record: {args.record} is not a tiny record (no `models`)")
+        except ValueError as e:
+            ap.error(f"--record: {args.record} is not JSON ({e})")
     if args.from_results:
         if args.record is None:
             ap.error("--from-results needs --record and --record-as")

@@ -111,3 +111,14 @@ def test_from_results_without_a_command_is_refused(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, str(SCRIPTS / "zoo_tiny.py"), *args],
                        capture_output=True, text=True)  # fmt: skip
     assert p.returncode == 2 and "names no command" in p.stderr and not rec.exists()
+
+
+def test_a_record_that_cannot_be_written_is_refused_before_any_run(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for rec, why in ((tmp_path / "no" / "r.json", "no folder"), (bad, "is not JSON")):
+        args = ["--out", str(tmp_path / "runs"), "--record", str(rec), "--record-as", "x"]
+        p = subprocess.run([sys.executable, str(SCRIPTS / "zoo_tiny.py"), *args],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert p.returncode == 2 and why in p.stderr and not (tmp_path / "runs").exists()
+    assert bad.read_text() == "{not json"
