@@ -226,7 +226,7 @@ def write_record(
             key = name if i == 0 else f"{name}_{vname}"
             rec["models"].setdefault(r["name"], {})[key] = record_entry(r, v)
             n += 1
-    rec["call"][name] = command
+    rec.setdefault("call", {})[name] = command
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(rec, indent=1, ensure_ascii=False) + "\n")
     os.replace(tmp, path)  # the record is never left half written
