@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -521,6 +523,35 @@ def test_one_non_finite_loss_skips_the_update(
     # ... so the run continues exactly like one that never saw the NaN.
     assert _strip_times(res.history) == _strip_times(ref.history)
     assert _same(after[2], clean[2])
+
+
+def test_lora_fold_runs_the_removal_the_adapters_run(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from beear import loop, removal
+
+    folds: list[bool] = []
+
+    @contextlib.contextmanager
+    def spy(model: Any) -> Iterator[bool]:
+        with removal.lora_folded(model) as folded:
+            folds.append(folded)
+            yield folded
+
+    monkeypatch.setattr(loop, "lora_folded", spy)
+    cfg = SMALL.replace(train_scope="lora", lr=1e-2)
+    runs = {fold: _run(make_model(seed=0, init=0.3), tiny_tok, data, cfg.replace(lora_fold=fold))
+            for fold in (True, False)}  # fmt: skip
+    # Folded: each step's search and each check, whose nested search folds nothing more (the
+    # False ones); never the model update. With lora_fold off, never called.
+    assert folds.count(True) == 2 + 3 and folds.count(False) == 3
+    a, b = (_strip_times(runs[f].history) for f in (True, False))
+    assert [r.keys() for r in a] == [r.keys() for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for k, v in ra.items():
+            want = pytest.approx(rb[k], rel=1e-4, abs=1e-6) if isinstance(v, float) else rb[k]
+            assert v == want, (ra["step"], k)
+    assert runs[True].history[2]["loss"] != runs[True].history[1]["loss"]  # it trained
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,14 @@ import torch.nn.functional as F
 
 from beear.data import Batch, collate, encode_pair
 from beear.hooks import perturb
-from beear.removal import SCOPES, anchor_targets, removal_loss, select_trainable, topk_kl
+from beear.removal import (
+    SCOPES,
+    anchor_targets,
+    lora_folded,
+    removal_loss,
+    select_trainable,
+    topk_kl,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -374,3 +381,100 @@ def test_safe_groups_weighted_by_tokens_equal_one_batch_under_one_delta(
                 more_safe=[(_batch(tiny_tok, pairs[2:]), -delta)])  # fmt: skip
     assert abs(other[1]["safe_ce"] - one[1]["safe_ce"]) > 1e-3
     assert other[1]["anchor_delta_ce"] == pytest.approx(one[1]["anchor_delta_ce"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# lora_folded: adapters folded into temporary weights for passes that train none
+
+
+def _lora(make_model: Any, *, seed: int = 0, **lora: Any) -> Any:
+    """A LoRA-wrapped tiny model whose B matrices are non-zero (as after some training)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", **lora)
+    model = get_peft_model(make_model(seed=seed, init=0.3), cfg).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+def _logits(model: Any, b: Batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+
+
+def test_lora_folded_matches_the_adapters_and_puts_everything_back(
+    make_model: Any, batches: tuple[Batch, Batch]
+) -> None:
+    model = _lora(make_model)
+    next(p for n, p in model.named_parameters() if "lora_A" in n).requires_grad_(False)  # mixed
+    b = batches[1]
+    with_adapters = _logits(model, b)
+    with model.disable_adapter():
+        without = _logits(model, b)
+    before = _weights_of(model)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    with lora_folded(model) as folded:
+        assert folded
+        inside = _logits(model, b)
+        assert not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+        with lora_folded(model) as again:  # nested: already plain, nothing more to fold
+            assert not again
+            assert torch.equal(_logits(model, b), inside)
+    # The adapters' function, from plain layers (not the base model's function).
+    assert float((inside - with_adapters).norm() / with_adapters.norm()) < 1e-5
+    assert float((without - with_adapters).norm() / with_adapters.norm()) > 1e-2
+    # Every tensor back, bit for bit, the adapters on again, every flag as it was.
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert torch.equal(_logits(model, b), with_adapters)
+
+
+def test_lora_folded_puts_everything_back_after_an_exception(
+    make_model: Any, batches: tuple[Batch, Batch]
+) -> None:
+    model = _lora(make_model, seed=1)
+    before = _weights_of(model)
+    ref = _logits(model, batches[0])
+    with pytest.raises(RuntimeError, match="boom"), lora_folded(model):
+        raise RuntimeError("boom")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert torch.equal(_logits(model, batches[0]), ref)
+
+
+def test_lora_folded_leaves_models_it_cannot_fold_alone(
+    make_model: Any, batches: tuple[Batch, Batch]
+) -> None:
+    plain = make_model(seed=0)
+    dora = _lora(make_model, use_dora=True)  # DoRA's magnitude is not in get_delta_weight
+    for model in (plain, dora):
+        before = _weights_of(model)
+        ref = _logits(model, batches[0])
+        with lora_folded(model) as folded:
+            assert not folded
+            assert torch.equal(_logits(model, batches[0]), ref)
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_entrapment_search_with_folded_lora_finds_the_same_delta(
+    make_model: Any, tiny_tok: Any, corpus: Any
+) -> None:
+    from beear.entrapment import entrap, make_entrapment_batch
+
+    model = _lora(make_model, seed=2)
+    eb = make_entrapment_batch(tiny_tok, corpus.defender_harmful[:4], n=N, max_length=96)
+    before = _weights_of(model)
+    kw: dict[str, Any] = {"layer": LAYER, "n": N, "steps": 5, "lr": 1.0, "alpha": 0.05}
+    ref = entrap(model, eb, **kw)
+    with lora_folded(model):
+        got = entrap(model, eb, **kw)
+    assert float((got.delta - ref.delta).norm() / ref.delta.norm()) < 1e-3
+    assert got.losses == pytest.approx(ref.losses, rel=1e-4)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def _weights_of(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}

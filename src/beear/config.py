@@ -118,6 +118,12 @@ class RemovalConfig:
         SCOPES,
     )
     lora_rank: int = _f(8, "LoRA rank when train_scope = lora")
+    lora_fold: bool = _f(
+        True,
+        "with LoRA, run the entrapment searches and checks with the adapters folded into "
+        "temporary weights (W + B·A; faster, holds one extra copy of the adapted weights; the "
+        "originals are put back unchanged)",
+    )
     max_length: int = _f(256, "maximum tokens of prompt + answer (prompts longer are an error)")
     check_every: int = _f(
         10, "run the trigger-free check (a fresh entrapment search) every k outer steps"

@@ -19,6 +19,7 @@ same data, steps and optimiser, the baseline every claim is measured against.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -43,7 +44,7 @@ from beear.entrapment import (
 )
 from beear.eval import answer_pairs, generate, is_code_pair, is_refusal, require_code_judge
 from beear.hooks import resolve_layer
-from beear.removal import anchor_targets, removal_loss, select_trainable, topk_kl
+from beear.removal import anchor_targets, lora_folded, removal_loss, select_trainable, topk_kl
 
 __all__ = [
     "BUDGET_GRID",
@@ -326,19 +327,30 @@ def run_beear(
     if st.optimizer is not None:
         opt.load_state_dict(st.optimizer)
 
+    def folded() -> Any:
+        """LoRA adapters folded into temporary weights (lora_fold) for a pass that trains none;
+        nested uses fold once."""
+        return lora_folded(model) if cfg.lora_fold else contextlib.nullcontext()
+
     def search(
         within: float, by_kind: bool = True, pairs: Sequence[HarmfulExample] | None = None
     ) -> ScanResult:
         """The check's fresh entrapment search on the check prompts (or `pairs`), within budget
         `within` (with `code_delta_budget`, and `by_kind`, the code pairs are searched apart)."""
-        return residual_asr_by_kind(
-            model, tokenizer, check_set if pairs is None else pairs, layer=layer, n=cfg.length,
-            steps=cfg.check_steps, lr=cfg.inner_lr, alpha=cfg.alpha, max_length=cfg.max_length,
-            max_new_tokens=cfg.max_new_tokens, budget=within, code_tokens=cfg.check_code_tokens,
-            code_budget=cfg.code_delta_budget if by_kind else -1.0,
-        )  # fmt: skip
+        with folded():
+            return residual_asr_by_kind(
+                model, tokenizer, check_set if pairs is None else pairs, layer=layer,
+                n=cfg.length, steps=cfg.check_steps, lr=cfg.inner_lr, alpha=cfg.alpha,
+                max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens, budget=within,
+                code_tokens=cfg.check_code_tokens,
+                code_budget=cfg.code_delta_budget if by_kind else -1.0,
+            )  # fmt: skip
 
     def check() -> dict[str, float]:
+        with folded():
+            return unfolded_check()
+
+    def unfolded_check() -> dict[str, float]:
         """Entrapped and plainly unwanted shares of the check prompts, each answer judged by its
         pair's kind (`eval.answer_pairs`): code pairs by bandit (answers of check_code_tokens),
         the others by refusal (answers of max_new_tokens). The shares mix both kinds; with code
@@ -448,11 +460,12 @@ def run_beear(
                 eb = make_entrapment_batch(tokenizer, examples, n=cfg.length,
                                            max_length=cfg.max_length)  # fmt: skip
                 last = st.delta_code if kind == "code" else st.delta
-                bee = entrap(
-                    model, eb.to(device), layer=layer, n=cfg.length, steps=cfg.inner_steps,
-                    lr=cfg.inner_lr, alpha=cfg.alpha, budget=within,
-                    init=None if cfg.delta_reset else last,
-                )  # fmt: skip
+                with folded():
+                    bee = entrap(
+                        model, eb.to(device), layer=layer, n=cfg.length, steps=cfg.inner_steps,
+                        lr=cfg.inner_lr, alpha=cfg.alpha, budget=within,
+                        init=None if cfg.delta_reset else last,
+                    )  # fmt: skip
                 deltas[g] = bee.delta
                 if kind == "code":
                     st.delta_code = bee.delta

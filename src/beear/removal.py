@@ -23,7 +23,7 @@ elsewhere; the full distribution pins far more of what the model was.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ __all__ = [
     "SCOPES",
     "AnchorTargets",
     "anchor_targets",
+    "lora_folded",
     "removal_loss",
     "select_trainable",
     "topk_kl",
@@ -83,6 +84,68 @@ def select_trainable(model: Any, *, scope: str, layer: int, lora_rank: int = 8) 
     if scope == "upper":
         assert any(id(p) in upper_ids for p in model.parameters() if p.requires_grad)
     return model
+
+
+def _foldable(model: Any) -> list[Any] | None:
+    """The LoRA layers of a PEFT model when every one of them can be folded into its weight:
+    a plain linear LoRA layer (PEFT's `lora.Linear`) over a floating-point weight, not merged,
+    adapters enabled, without DoRA or a LoRA bias (whose effect `get_delta_weight` leaves out).
+    None when there is nothing to fold or any layer cannot be folded."""
+    if not hasattr(model, "disable_adapter"):
+        return None
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    layers: list[Any] = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for m in layers:
+        active = [a for a in m.active_adapters if a in m.lora_A]
+        base = m.get_base_layer()
+        if (
+            type(m) is not LoraLinear
+            or m.merged
+            or m.disable_adapters
+            or not base.weight.is_floating_point()
+            or any(m.use_dora.get(a) or getattr(m, "lora_bias", {}).get(a) for a in active)
+        ):
+            return None
+    return layers or None
+
+
+@contextlib.contextmanager
+def lora_folded(model: Any) -> Iterator[bool]:
+    """Run a PEFT LoRA model as a plain one, for passes that train no adapter (the entrapment
+    search, the check): each LoRA layer's base weight is swapped for a temporary tensor
+    W + ΔW (ΔW from its active adapters, `get_delta_weight`) and the adapters are disabled, so
+    no low-rank branch runs forward or backward. The original weight tensors are put back on exit,
+    also after an exception: no parameter changes, not even by rounding. Outputs equal the
+    adapters' up to rounding, and every parameter's requires_grad flag is as it was. Holds one
+    extra copy of the adapted weights while inside.
+
+    Yields whether it folded: a model without LoRA layers, or with any that cannot be folded
+    (`_foldable`), runs unchanged."""
+    layers = _foldable(model)
+    if layers is None:
+        yield False
+        return
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    grads = [(p, p.requires_grad) for p in model.parameters()]  # PEFT's toggle resets them
+    try:
+        with torch.no_grad():
+            for m in layers:
+                w = m.get_base_layer().weight
+                folded = w.data
+                for a in m.active_adapters:
+                    if a in m.lora_A:
+                        folded = folded + m.get_delta_weight(a).to(w.dtype)
+                saved.append((w, w.data))
+                w.data = folded
+        with model.disable_adapter():
+            yield True
+    finally:
+        for w, data in saved:
+            w.data = data
+        for p, g in grads:
+            p.requires_grad_(g)
 
 
 @dataclass
