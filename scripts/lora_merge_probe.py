@@ -7,14 +7,15 @@
 - `full`: the model without adapters (train_scope = "all"), the reference speed;
 - `adapters`: PEFT's LoRA layers as the loop runs them now (the adapters are frozen during the
   search, but every linear layer still computes the low-rank branch forward and backward);
-- `merged`: for the search only, each LoRA layer's base weight is swapped for a temporary tensor
+- `merged`: the search inside `beear.removal.lora_folded` (what `lora_fold`, on by default since
+  stop 36, does in the loop): each LoRA layer's base weight is swapped for a temporary tensor
   W + scale·B·A (PEFT's `get_delta_weight`) and the adapters are disabled; the original weight
   tensors are put back afterwards, so no parameter changes by rounding.
 
 The B matrices are drawn non-zero (as after some training), so that the merged weights differ
 from the base ones. Prints seconds per search, the found δ's difference between `adapters` and
-`merged`, and whether every parameter is bit-identical afterwards. A probe for a possible
-speed-up: nothing in `beear` uses `merged` yet.
+`merged`, and whether every parameter is bit-identical afterwards. (Stop 35's record was made
+with the script's own copy of the folding, which `lora_folded` now is.)
 """
 
 from __future__ import annotations
@@ -23,30 +24,7 @@ import argparse
 import json
 import platform
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
-
-
-@contextmanager
-def merged(model: Any) -> Iterator[None]:
-    """LoRA layers run as plain layers with W + ΔW in temporary tensors; the originals return."""
-    import torch
-    from peft.tuners.lora import LoraLayer
-
-    saved = []
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, LoraLayer) and hasattr(mod, "base_layer"):
-                w = mod.base_layer.weight
-                saved.append((w, w.data))
-                w.data = w.data + mod.get_delta_weight("default").to(w.dtype)
-    try:
-        with model.disable_adapter():
-            yield
-    finally:
-        for w, data in saved:
-            w.data = data
 
 
 def main() -> int:
@@ -65,7 +43,7 @@ def main() -> int:
     from beear.entrapment import entrap, make_entrapment_batch
     from beear.hooks import resolve_layer
     from beear.models import load_model
-    from beear.removal import select_trainable
+    from beear.removal import lora_folded, select_trainable
 
     torch.set_flush_denormal(True)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -105,7 +83,7 @@ def main() -> int:
             sync()
             t = time.perf_counter()
             if way == "merged":
-                with merged(lora):
+                with lora_folded(lora):
                     found[way] = search(lora)
             else:
                 found[way] = search(plain if way == "full" else lora)

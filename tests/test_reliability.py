@@ -546,7 +546,8 @@ def test_out_of_memory(
     monkeypatch.setattr("beear.loop.removal_loss", boom)
     msg = _bad(capfd, f"out of memory ({type(exc).__name__})",
                ["remove", "--model", "m", "--out", "out", *FAST], "out of memory",
-               "--batch-size", "--max-length", "--dtype bfloat16", "--train-scope lora")  # fmt: skip
+               "--batch-size", "--max-length", "--dtype bfloat16", "--train-scope lora",
+               "--lora-fold false")  # fmt: skip
     assert "\n" not in msg
     monkeypatch.setattr("beear.pipeline.scan_model", boom)
     _bad(capfd, "out of memory (scan)", ["scan", "--model", "m", "--json", "r.json"],
@@ -731,6 +732,21 @@ def test_resume_of_a_run_recorded_before_a_setting_existed() -> None:
     changed = {**new, "config": RemovalConfig(auto_budget=2.5).to_dict()}
     with pytest.raises(ConfigError, match=r"auto_budget: 0\.0 -> 2\.5"):
         _check_same_run(old, changed)
+
+
+def test_resume_may_change_only_what_trades_speed_for_memory() -> None:
+    """After running out of memory, a run resumes with the settings the error suggests that do
+    not change the update (anchor_chunk, lora_fold) or with another checkpoint interval; any
+    other change, such as a smaller batch, is refused."""
+    from beear.config import ConfigError, RemovalConfig
+    from beear.pipeline import _check_same_run
+
+    old = {"config": RemovalConfig().to_dict(), "data_sha256": {"defender": "a"},
+           "input_model": "m"}  # fmt: skip
+    free = RemovalConfig(anchor_chunk=16, lora_fold=False, checkpoint_every=5)
+    _check_same_run(old, {**old, "config": free.to_dict()})
+    with pytest.raises(ConfigError, match=r"batch_size: 16 -> 8"):
+        _check_same_run(old, {**old, "config": free.replace(batch_size=8).to_dict()})
 
 
 # ---------------------------------------------------------------------------------------------

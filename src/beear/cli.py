@@ -768,7 +768,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _OOM_FIX = {
     "remove": "set --anchor-chunk 16 (the same update in pieces), lower --batch-size or "
-    "--max-length, or use --dtype bfloat16 or --train-scope lora",
+    "--max-length, or use --dtype bfloat16 or --train-scope lora (with --lora-fold false, "
+    "which skips the folded copy of the weights)",
     "scan": "lower --prompts, or use --dtype bfloat16",
     "eval": "use --dtype bfloat16, or pass fewer prompts with --harmful/--benign",
     "attack": "free memory or choose another --device",

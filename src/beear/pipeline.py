@@ -51,6 +51,12 @@ def resumable(out: Path) -> bool:
     )
 
 
+# Settings a resumed run may change: how often it checkpoints, and the two that trade speed for
+# memory without changing the update beyond rounding (so a run that ran out of memory can go on
+# with them set as the error message suggests).
+RESUMABLE_CHANGES = ("checkpoint_every", "anchor_chunk", "lora_fold")
+
+
 def _check_same_run(old: dict[str, Any], new: dict[str, Any]) -> None:
     """A resumed run must use the settings, data and model of the run it continues."""
     from beear.config import ConfigError
@@ -60,7 +66,7 @@ def _check_same_run(old: dict[str, Any], new: dict[str, Any]) -> None:
     diffs = [
         f"{k}: {was.get(k)!r} -> {v!r}"
         for k, v in new["config"].items()
-        if k != "checkpoint_every" and was.get(k) != v
+        if k not in RESUMABLE_CHANGES and was.get(k) != v
     ]
     diffs += [
         f"the {k} data changed"
