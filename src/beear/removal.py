@@ -133,12 +133,12 @@ def lora_folded(model: Any) -> Iterator[bool]:
         with torch.no_grad():
             for m in layers:
                 w = m.get_base_layer().weight
-                folded = w.data
+                folded = w.detach().to(torch.float32, copy=True)  # summed in float32, rounded once
                 for a in m.active_adapters:
                     if a in m.lora_A:
-                        folded = folded + m.get_delta_weight(a).to(w.dtype)
+                        folded += m.get_delta_weight(a).float()
                 saved.append((w, w.data))
-                w.data = folded
+                w.data = folded.to(w.dtype)
         with model.disable_adapter():
             yield True
     finally:
