@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from typing import Any
@@ -124,8 +125,9 @@ def main() -> int:
     results = [check(args.device, d, args.hidden, args.layers, args.steps) for d in args.dtype]
     print(json.dumps(results, indent=1))
     if args.json:
+        cmd = shlex.join(["python", "scripts/lora_fold_check.py", *sys.argv[1:]])
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"command": cmd, "results": results}, f, indent=1)
             f.write("\n")
     ok = all(
         r["folded"]
