@@ -347,6 +347,7 @@ def run_beear(
             )  # fmt: skip
 
     def check() -> dict[str, float]:
+        """`unfolded_check`, with LoRA adapters folded (lora_fold): it trains nothing."""
         with folded():
             return unfolded_check()
 
