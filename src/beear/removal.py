@@ -86,18 +86,20 @@ def select_trainable(model: Any, *, scope: str, layer: int, lora_rank: int = 8) 
     return model
 
 
-def _foldable(model: Any) -> list[Any] | None:
-    """The LoRA layers of a PEFT model when every one of them can be folded into its weight:
-    a plain linear LoRA layer (PEFT's `lora.Linear`) over a floating-point weight, not merged,
-    adapters enabled, without DoRA or a LoRA bias (whose effect `get_delta_weight` leaves out).
-    None when there is nothing to fold or any layer cannot be folded."""
+def _foldable(model: Any) -> list[tuple[Any, list[str]]] | None:
+    """The LoRA layers of a PEFT model, each with its active adapters, when every one of them
+    can be folded into its weight: a plain linear LoRA layer (PEFT's `lora.Linear`) over a
+    floating-point weight, not merged, adapters enabled, without DoRA or a LoRA bias (whose effect
+    `get_delta_weight` leaves out). None when there is nothing to fold or any layer cannot be
+    folded."""
     if not hasattr(model, "disable_adapter"):
         return None
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
-    layers: list[Any] = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    for m in layers:
+    found: list[tuple[Any, list[str]]] = []
+    lora_layers: list[Any] = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for m in lora_layers:
         active = [a for a in m.active_adapters if a in m.lora_A]
         base = m.get_base_layer()
         if (
@@ -108,7 +110,8 @@ def _foldable(model: Any) -> list[Any] | None:
             or any(m.use_dora.get(a) or getattr(m, "lora_bias", {}).get(a) for a in active)
         ):
             return None
-    return layers or None
+        found.append((m, active))
+    return found or None
 
 
 @contextlib.contextmanager
@@ -131,12 +134,11 @@ def lora_folded(model: Any) -> Iterator[bool]:
     grads = [(p, p.requires_grad) for p in model.parameters()]  # PEFT's toggle resets them
     try:
         with torch.no_grad():
-            for m in layers:
+            for m, active in layers:
                 w = m.get_base_layer().weight
                 folded = w.detach().to(torch.float32, copy=True)  # summed in float32, rounded once
-                for a in m.active_adapters:
-                    if a in m.lora_A:
-                        folded += m.get_delta_weight(a).float()
+                for a in active:
+                    folded += m.get_delta_weight(a).float()
                 saved.append((w, w.data))
                 w.data = folded.to(w.dtype)
         with model.disable_adapter():
