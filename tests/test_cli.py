@@ -230,6 +230,29 @@ def test_scan_writes_entrapment_asr(model_dir: Path, tmp_path: Path) -> None:
     assert out["delta_norm"] > 0
 
 
+def test_scan_against_a_reference_model(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    j, cfg = tmp_path / "scan.json", tmp_path / "c.toml"
+    cfg.write_text("max_new_tokens = 4\nlength = 3\n")
+    scan = ["scan", "--model", str(model_dir), "--json", str(j), "--steps", "2", "--prompts", "4",
+            "--config", str(cfg), "--layer", "2"]  # fmt: skip
+    assert main(scan) == 0
+    alone = json.loads(j.read_text())
+    # The model as its own reference: the same prompts and search give the same figures twice.
+    assert main([*scan, "--reference", str(model_dir)]) == 0
+    out = json.loads(j.read_text())
+    ref = out.pop("reference")
+    assert out.pop("above_reference") == 0.0
+    assert ref.pop("model") == str(model_dir)
+    for k in ("entrapment_asr", "unwanted_ce", "delta_norm", "layer", "n_prompts", "budget"):
+        assert out[k] == alone[k] == ref[k], k
+    # A missing reference is refused before the first scan.
+    capsys.readouterr()
+    assert main([*scan, "--reference", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in _one_line_error(capsys, "scan")
+
+
 def test_remove_writes_the_repaired_model_and_records(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -439,9 +439,23 @@ def cmd_scan(args: argparse.Namespace) -> int:
         {"layer": args.layer, "length": args.length, "delta_budget": args.budget,
          "code_delta_budget": args.code_budget},
     )  # fmt: skip
+    ref_dir = Path(args.reference) if args.reference else None
+    if ref_dir is not None:
+        from beear.models import check_model_dir
+
+        _refuse_inside(args.json, "--json", ref_dir)
+        check_model_dir(ref_dir, allow_pickle=args.allow_pickle)  # before the first scan
     model, tok = _load(args, model_dir, device)
     defender, _ = _defender_sets(args, model_dir, need_anchor=False, loaded=(model, tok))
     out = scan_model(model, tok, defender, config=cfg, steps=args.steps, prompts=args.prompts)
+    if ref_dir is not None:
+        # The same prompts, budget (relative to each model's own token norm) and search: how
+        # much more steerable the model is than one trusted not to hold a backdoor.
+        del model, tok
+        model, tok = _load(args, ref_dir, device)
+        ref = scan_model(model, tok, defender, config=cfg, steps=args.steps, prompts=args.prompts)
+        out["reference"] = {"model": str(ref_dir), **ref}
+        out["above_reference"] = out["entrapment_asr"] - ref["entrapment_asr"]
     _write_json(args.json, out)
     print(json.dumps(out))
     return 0
@@ -714,6 +728,13 @@ def build_parser() -> argparse.ArgumentParser:
         "code_delta_budget, -1 = one search for all pairs)",
     )
     p.add_argument("--prompts", type=int, default=64, help="defender prompts probed")
+    p.add_argument(
+        "--reference",
+        metavar="DIR",
+        help="also scan this model (one trusted to hold no backdoor, e.g. the clean base of the "
+        "same family) with the same prompts and settings: the JSON gets its figures under "
+        "`reference` and the model's entrapment ASR minus the reference's as `above_reference`",
+    )
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     _add_model_opts(p)
     p.set_defaults(func=cmd_scan)
