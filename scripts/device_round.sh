@@ -166,7 +166,7 @@ batch)
         # MIN_START=S: a job is not started with fewer than S seconds left (an attack cut by
         # the limit is made again from scratch; `--reuse` on the next call starts it instead).
         if [ $((end - $(date +%s))) -lt "${MIN_START:-0}" ]; then
-            echo "-- $(date +%T) not started, under ${MIN_START}s left: $j" >>"$BX/${name}_order.log"
+            echo "-- $(date +%T) not started, under ${MIN_START:-0}s left: $j" >>"$BX/${name}_order.log"
             continue
         fi
         echo "-- $(date +%T) start $j" >>"$BX/${name}_order.log"
