@@ -161,12 +161,13 @@ batch)
     name="batch${BATCH:+_$BATCH}"
     stage="$BX/$name"
     mkdir -p "$stage"
+    min_start="${MIN_START:-0}"
     for j in "${jobs[@]}"; do
         while [ "$(jobs -rp | wc -l)" -ge "${MAXJOBS:-99}" ]; do wait -n; done
         # MIN_START=S: a job is not started with fewer than S seconds left (an attack cut by
         # the limit is made again from scratch; `--reuse` on the next call starts it instead).
-        if [ $((end - $(date +%s))) -lt "${MIN_START:-0}" ]; then
-            echo "-- $(date +%T) not started, under ${MIN_START:-0}s left: $j" >>"$BX/${name}_order.log"
+        if [ $((end - $(date +%s))) -lt "$min_start" ]; then
+            echo "-- $(date +%T) not started, under ${min_start}s left: $j" >>"$BX/${name}_order.log"
             continue
         fi
         echo "-- $(date +%T) start $j" >>"$BX/${name}_order.log"
