@@ -124,11 +124,13 @@ def _remove_and_scan(
     overrides: dict[str, Any] | None = None,
     out: Path | None = None,
     reuse: bool = False,
+    samples: bool = False,
 ) -> dict[str, Any]:
     """BEEAR with the default config (plus `overrides`) and, in the same run unless overridden,
     the plain-SFT baseline (persistence); each evaluated on the held-out split, and the scan
     (residual entrapment ASR) of each. Written to `out` (default: MODEL-removed); `reuse` keeps
-    a finished removal found there (its manifest's summary) and only evaluates it."""
+    a finished removal found there (its manifest's summary) and only evaluates it. `samples`
+    keeps every answer of the evaluations after removal (`_evaluate`'s `samples`)."""
     from beear.attacks import DATA_DIR
     from beear.config import RemovalConfig
     from beear.data import load_anchor, load_harmful
@@ -167,12 +169,13 @@ def _remove_and_scan(
             row["error"] = "interrupted (checkpointed: run again with --reuse to continue)"
             return row
     row["after"] = _evaluate(out, trigger=trigger, device=device, batch_size=batch_size,
-                             data_dir=model_dir)  # fmt: skip
+                             data_dir=model_dir, samples=samples)  # fmt: skip
     cfg = searched_with(cfg, row["summary"])  # scans search within the removal's δ budget
     row["scan_after"] = _scan(out, device=device, config=cfg, data_dir=model_dir)
     if cfg.baseline == "sft":
         row["baseline"] = _evaluate(out / "baseline", trigger=trigger, device=device,
-                                    batch_size=batch_size, data_dir=model_dir)  # fmt: skip
+                                    batch_size=batch_size, data_dir=model_dir,
+                                    samples=samples)  # fmt: skip
         row["scan_baseline"] = _scan(out / "baseline", device=device, config=cfg,
                                      data_dir=model_dir)  # fmt: skip
     return row
@@ -194,7 +197,8 @@ def _variant_job(job: tuple[str, str, dict[str, Any], str, int, int, bool]) -> t
     try:
         row = _remove_and_scan(md, trigger=Trigger(**rec["trigger"]), device=device, seed=seed,
                                batch_size=100 if device.startswith("cuda") else 32,
-                               overrides=overrides, out=md.with_name(f"{md.name}-{name}"), reuse=reuse)  # fmt: skip
+                               overrides=overrides, out=md.with_name(f"{md.name}-{name}"), reuse=reuse,
+                               samples=True)  # fmt: skip
     except Exception as e:  # one failed variant must not lose the others
         row = {"error": repr(e), "config_overrides": overrides}
     return name, row
@@ -202,7 +206,8 @@ def _variant_job(job: tuple[str, str, dict[str, Any], str, int, int, bool]) -> t
 
 def cmd_variants(args: argparse.Namespace) -> int:
     """Several removal configs on one attacked model, in parallel processes; each finished
-    variant is merged into --json at once (a time limit keeps what finished)."""
+    variant is merged into --json at once (a time limit keeps what finished), with every answer
+    of its evaluations (`samples`: scripts/round_record.py leaves them out of a record)."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
