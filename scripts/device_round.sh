@@ -151,7 +151,8 @@ batch)
     # eight). Every `setting` job runs until JOB_LIMIT; `batch ... --reuse` resumes them all.
     # MAXJOBS=N: at most N at once, the others start in the listed order as earlier ones end
     # (a call that finishes resumed jobs starts new ones in the time they leave; MIN_START
-    # below keeps a job that could not finish its attack for the next call).
+    # below keeps a job that could not finish its attack for the next call, and never holds
+    # back one whose attack is made).
     # BATCH=NAME: a batch of its own (stage, logs, OUT/batch_NAME.tgz), so that two batches
     # with different variants run side by side (on different settings: they share the attacks).
     #   [MAXJOBS=7] bash scripts/device_round.sh batch "2:suffix-word 0:sandwich" [--reuse] ship:ship,...
@@ -166,7 +167,10 @@ batch)
         while [ "$(jobs -rp | wc -l)" -ge "${MAXJOBS:-99}" ]; do wait -n; done
         # MIN_START=S: a job is not started with fewer than S seconds left (an attack cut by
         # the limit is made again from scratch; `--reuse` on the next call starts it instead).
-        if [ $((end - $(date +%s))) -lt "$min_start" ]; then
+        # A job whose attack an earlier call made (its zoo_TAG.json) is resumed all the same.
+        tag="${j#*:}"
+        [ "${j%%:*}" = 0 ] || tag="$tag-s${j%%:*}"
+        if [ ! -f "$BX/zoo_$tag.json" ] && [ $((end - $(date +%s))) -lt "$min_start" ]; then
             echo "-- $(date +%T) not started, under ${min_start}s left: $j" >>"$BX/${name}_order.log"
             continue
         fi
