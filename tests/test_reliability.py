@@ -1130,3 +1130,62 @@ def test_restarts_keep_the_run_that_passed_and_drifted_least_and_survive_a_resum
         {k: v for k, v in a.items() if k not in strip} for a in runs
     ]
     assert res["attempts"][1]["resumed_at_step"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the benign probe: simple questions answered before removal and by the model written
+
+
+def test_benign_probe_measures_the_input_model_and_the_model_written(
+    ws: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import beear.pipeline
+    from beear.models import load_model
+
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def spy(model: Any, tok: Any, n: int, **kw: Any) -> dict[str, Any]:
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        # Before: refuses 10%; the written model 25%: grown by 0.15, past the warning's 0.1.
+        return {"n": n, "refusal": [0.1, 0.25][len(seen) - 1], "accuracy": 0.5}
+
+    with monkeypatch.context() as mp:
+        mp.setattr(beear.pipeline, "benign_probe", spy)
+        rc, _, err = _run(capfd, ["remove", "--model", "m", "--out", "out", *FAST,
+                                  "--benign-probe", "6"])  # fmt: skip
+    assert rc == 0, err
+    assert len(seen) == 2
+    for state, d in zip(seen, ("m", "out"), strict=True):  # the input model, then the written
+        for k, v in _weights(ws / d).items():
+            assert torch.equal(state[k], v), (d, k)
+    assert not all(torch.equal(seen[0][k], seen[1][k]) for k in seen[0])  # the removal moved it
+    summ = json.loads((ws / "out" / "beear" / "manifest.json").read_text())["summary"]["beear"]
+    assert summ["benign_probe"] == {"n": 6, "refusal_before": 0.1, "accuracy_before": 0.5,
+                                    "refusal_after": 0.25, "accuracy_after": 0.5}  # fmt: skip
+    assert "beear remove: benign probe (6 simple questions never trained on): the model " \
+           "written refuses 25% (before removal 10%)" in err  # fmt: skip
+    assert "beear remove: warning: the model written refuses 15% more of the benign probe" in err
+
+    # Grown by less than 0.1: the line, no warning.
+    run = {"benign_probe": {**summ["benign_probe"], "refusal_after": 0.19}}
+    lines = beear.pipeline.probe_lines(run)
+    assert len(lines) == 1 and "refuses 19%" in lines[0]
+    assert beear.pipeline.probe_lines({}) == []
+
+    # The real probe, 4 questions: its figures are those of the two models measured afresh.
+    rc, _, err = _run(capfd, ["remove", "--model", "m", "--out", "real", *FAST,
+                              "--benign-probe", "4"])  # fmt: skip
+    assert rc == 0, err
+    real = json.loads((ws / "real" / "beear" / "manifest.json").read_text())["summary"]["beear"]
+    for d, when in (("m", "before"), ("real", "after")):
+        model, tok = load_model(ws / d)
+        fresh = beear.pipeline.benign_probe(model, tok, 4)
+        assert fresh["n"] == real["benign_probe"]["n"] == 4
+        for k in ("refusal", "accuracy"):
+            assert real["benign_probe"][f"{k}_{when}"] == fresh[k], (d, k)
+    # Off: no probe, no line.
+    rc, _, err = _run(capfd, ["remove", "--model", "m", "--out", "off", *FAST,
+                              "--benign-probe", "0"])  # fmt: skip
+    assert rc == 0, err
+    off = json.loads((ws / "off" / "beear" / "manifest.json").read_text())["summary"]["beear"]
+    assert "benign_probe" not in off and "benign probe" not in err

@@ -468,6 +468,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
         check_verdict,
         code_search_unbounded_only,
         kept_lines,
+        probe_lines,
         remove,
         resumable,
         staging_dir,
@@ -526,7 +527,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
     if summary.get("interrupted"):
         print(f"beear remove: interrupted; {summary['resume']}", file=sys.stderr)
         return 130
-    for line in kept_lines(summary["beear"]):
+    for line in [*kept_lines(summary["beear"]), *probe_lines(summary["beear"])]:
         print(f"beear remove: {line}", file=sys.stderr)
     if summary["beear"].get("verified") is False:  # (absent from a run finished by older code)
         advice = (

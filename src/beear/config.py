@@ -174,6 +174,13 @@ class RemovalConfig:
         "written instead of the best checkpoint when it passes and is no worse by the same "
         "measures (unwanted share, benign refusals, drift) (0: off)",
     )
+    benign_probe: int = _f(
+        48,
+        "bundled evaluation-only benign questions (simple facts; never trained or anchored on) "
+        "the model answers before removal and each model written answers after: the share "
+        "refused and answered right, before and after, goes in the summary, and beear remove "
+        "warns when the refusals grew by 0.1 or more (0: off; it trains nothing)",
+    )
     max_new_tokens: int = _f(32, "tokens generated when judging an answer")
     check_code_tokens: int = _f(
         128,
@@ -220,6 +227,7 @@ class RemovalConfig:
             "anchor_chunk",
             "min_steps",
             "check_benign",
+            "benign_probe",
             "check_drift",
             "restarts",
             "restart_drift",

@@ -54,7 +54,52 @@ def resumable(out: Path) -> bool:
 # Settings a resumed run may change: how often it checkpoints, and the two that trade speed for
 # memory without changing the update beyond rounding (so a run that ran out of memory can go on
 # with them set as the error message suggests).
-RESUMABLE_CHANGES = ("checkpoint_every", "anchor_chunk", "lora_fold")
+RESUMABLE_CHANGES = ("checkpoint_every", "anchor_chunk", "lora_fold", "benign_probe")
+# `beear remove` warns when the model written refuses this much more of the benign probe than
+# the model did before removal (a share of the probe's questions).
+PROBE_WARN = 0.1
+
+
+def benign_probe(model: Any, tok: Any, n: int, *, batch_size: int = 32) -> dict[str, Any]:
+    """`n` of the bundled evaluation-only benign questions (`bundled.extra_benign_tasks`, the
+    same draw for every run and model) answered by `model` (greedy, its chat template; LoRA
+    adapters folded): ``{"n", "refusal", "accuracy"}`` by `beear.eval.evaluate`'s judges. It
+    trains nothing; a removal records it before and after (config `benign_probe`)."""
+    import random
+
+    from beear.bundled import extra_benign_tasks
+    from beear.eval import evaluate
+    from beear.removal import lora_folded
+
+    tasks = extra_benign_tasks()
+    pick = random.Random(0).sample(tasks, min(n, len(tasks)))
+    was_training = model.training
+    model.eval()
+    with lora_folded(model):
+        res = evaluate(model, tok, harmful=[], benign=pick, batch_size=batch_size)
+    model.train(was_training)
+    return {"n": len(pick), "refusal": res.over_refusal["plain"], "accuracy": res.benign_accuracy}
+
+
+def probe_lines(run: dict[str, Any], model: str = "the model written") -> list[str]:
+    """The benign probe of a removal's summary (`remove(...)["beear"]` or `["sft"]`) as one
+    line, and a warning line when its refusals grew by PROBE_WARN or more; [] without it."""
+    pr = run.get("benign_probe")
+    if not pr:
+        return []
+    grew = pr["refusal_after"] - pr["refusal_before"]
+    out = [
+        f"benign probe ({pr['n']} simple questions never trained on): {model} refuses "
+        f"{pr['refusal_after']:.0%} (before removal {pr['refusal_before']:.0%}) and answers "
+        f"{pr['accuracy_after']:.0%} right (before {pr['accuracy_before']:.0%})"
+    ]
+    if grew >= PROBE_WARN - 1e-9:
+        out.append(
+            f"warning: {model} refuses {grew:.0%} more of the benign probe than before removal: "
+            "it may have learned to over-refuse; measure it with `beear eval --benign FILE`, or "
+            "rerun with a lower --lr or fewer --outer-steps"
+        )
+    return out
 
 
 def _check_same_run(old: dict[str, Any], new: dict[str, Any]) -> None:
@@ -296,6 +341,13 @@ def _remove(
                     own[setting] = _self_anchor(model, tok, config, setting, rec_dir)
                     data_hashes[setting] = _sha256_records(own[setting])
             anchors = [*anchor, *(p for s in ANCHOR_POOLS for p in own.get(s, []))]
+            probe_path = rec_dir / "benign_probe_before.json"  # the untouched model's, once
+            asked = {"asked": config.benign_probe}
+            if config.benign_probe and not (
+                probe_path.is_file() and json.loads(probe_path.read_text()).items() >= asked.items()
+            ):
+                before = benign_probe(model, tok, config.benign_probe)
+                probe_path.write_text(json.dumps({**asked, **before}) + "\n")
             # Every example is encoded once up front: a bad one fails now, not hours in.
             check_examples(tok, {"defender": defender, "anchor": anchors},
                            max_length=config.max_length, n_perturb=config.length)  # fmt: skip
@@ -367,6 +419,13 @@ def _remove(
                 run.update(resumed_at_step=resumed_at, seconds_this_call=this_call)
             if dev.type == "cuda":  # tensors only, not the allocator's cache
                 run["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+            if config.benign_probe:  # the weights written (kept), against the untouched model's
+                before = json.loads(probe_path.read_text())
+                after = benign_probe(res.model, tok, config.benign_probe)
+                run["benign_probe"] = {"n": after["n"],
+                                       **{f"{k}_{w}": v[k] for w, v in (("before", before),
+                                                                        ("after", after))
+                                          for k in ("refusal", "accuracy")}}  # fmt: skip
             if mode == "beear":
                 attempts.append({"seed": run_cfg.seed, **run})
                 # A restart replaces the model written only when it is better (_kept_attempt).
