@@ -75,9 +75,11 @@ def benign_probe(model: Any, tok: Any, n: int, *, batch_size: int = 32) -> dict[
     pick = random.Random(0).sample(tasks, min(n, len(tasks)))
     was_training = model.training
     model.eval()
-    with lora_folded(model):
-        res = evaluate(model, tok, harmful=[], benign=pick, batch_size=batch_size)
-    model.train(was_training)
+    try:
+        with lora_folded(model):
+            res = evaluate(model, tok, harmful=[], benign=pick, batch_size=batch_size)
+    finally:
+        model.train(was_training)
     return {"n": len(pick), "refusal": res.over_refusal["plain"], "accuracy": res.benign_accuracy}
 
 
@@ -341,16 +343,17 @@ def _remove(
                     own[setting] = _self_anchor(model, tok, config, setting, rec_dir)
                     data_hashes[setting] = _sha256_records(own[setting])
             anchors = [*anchor, *(p for s in ANCHOR_POOLS for p in own.get(s, []))]
-            probe_path = rec_dir / "benign_probe_before.json"  # the untouched model's, once
+            # Every example is encoded once up front: a bad one fails now, not hours in.
+            check_examples(tok, {"defender": defender, "anchor": anchors},
+                           max_length=config.max_length, n_perturb=config.length)  # fmt: skip
+            probe_path = rec_dir / "benign_probe_before.json"  # the untouched model's, once (no
+            # checkpoint's weights loaded yet)
             asked = {"asked": config.benign_probe}
             if config.benign_probe and not (
                 probe_path.is_file() and json.loads(probe_path.read_text()).items() >= asked.items()
             ):
                 before = benign_probe(model, tok, config.benign_probe)
                 probe_path.write_text(json.dumps({**asked, **before}) + "\n")
-            # Every example is encoded once up front: a bad one fails now, not hours in.
-            check_examples(tok, {"defender": defender, "anchor": anchors},
-                           max_length=config.max_length, n_perturb=config.length)  # fmt: skip
             state = checkpoint.load(ck_dir, model, run_cfg) if resume else None
             metrics_name = "metrics.jsonl" if k == 0 else f"metrics_restart{k}.jsonl"
             metrics_path = (rec_dir if mode == "beear" else target) / metrics_name
