@@ -52,6 +52,9 @@ toml_kv() {  # FILE SEP: a config file's keys as KEY=VALUE joined by SEP (read f
 }
 SMOL=$(toml_kv docs/configs/smollm2.toml ,)  # docs/configs/smollm2.toml as KEY=VALUE,...
 end=$(($(date +%s) + ${JOB_LIMIT:-550}))  # every job stops before the call's 600 s limit
+setting_tag() {  # SEED NAME: a setting's file tag (NAME, or NAME-sSEED when SEED is not 0)
+    if [ "$1" = 0 ]; then echo "$2"; else echo "$2-s$1"; fi
+}
 upto() {  # CMD...: run it with the time left before JOB_LIMIT (none left: skip it)
     local left=$((end - $(date +%s)))
     [ "$left" -gt 20 ] || { echo "!! no time left for: $*"; return 124; }
@@ -125,9 +128,9 @@ setting)
     [ "${1:-}" = "--reuse" ] && { r=(--reuse); shift; }
     # SEED=N (default 0): the attack's seed (its own runs folder and file names when not 0).
     seed="${SEED:-0}"
-    tag="$s"
+    tag=$(setting_tag "$seed" "$s")
     runs="$BX/runs"
-    [ "$seed" = 0 ] || { tag="$s-s$seed"; runs="$BX/runs_s$seed"; }
+    [ "$seed" = 0 ] || runs="$BX/runs_s$seed"
     common=(--out-dir "$runs" --threads 1 --seed "$seed")
     # CLEAN=1: also evaluate the clean base model on this seed's held-out split.
     clean=(--no-clean)
@@ -168,9 +171,8 @@ batch)
         # MIN_START=S: a job is not started with fewer than S seconds left (an attack cut by
         # the limit is made again from scratch; `--reuse` on the next call starts it instead).
         # A job whose attack an earlier call made (its zoo_TAG.json) is resumed all the same.
-        tag="${j#*:}"
-        [ "${j%%:*}" = 0 ] || tag="$tag-s${j%%:*}"
-        if [ ! -f "$BX/zoo_$tag.json" ] && [ $((end - $(date +%s))) -lt "$min_start" ]; then
+        made="$BX/zoo_$(setting_tag "${j%%:*}" "${j#*:}").json"
+        if [ ! -f "$made" ] && [ $((end - $(date +%s))) -lt "$min_start" ]; then
             echo "-- $(date +%T) not started, under ${min_start}s left: $j" >>"$BX/${name}_order.log"
             continue
         fi

@@ -306,6 +306,7 @@ def _remove(
     seconds: dict[str, float] = {}
     summary: dict[str, Any] = {"out": str(out)}
     own: dict[str, list[AnchorExample]] = {}  # the ANCHOR_POOLS pairs, made once per run
+    probe_before: dict[str, Any] | None = None  # the untouched model's benign probe, once a call
     with _StopFlag() as stop:
         # One job per run: BEEAR (then its restarts with the next seeds, on the same held-back
         # pairs, while the one kept so far failed its check or drifted too much), the baseline.
@@ -346,14 +347,8 @@ def _remove(
             # Every example is encoded once up front: a bad one fails now, not hours in.
             check_examples(tok, {"defender": defender, "anchor": anchors},
                            max_length=config.max_length, n_perturb=config.length)  # fmt: skip
-            probe_path = rec_dir / "benign_probe_before.json"  # the untouched model's, once (no
-            # checkpoint's weights loaded yet)
-            asked = {"asked": config.benign_probe}
-            if config.benign_probe and not (
-                probe_path.is_file() and json.loads(probe_path.read_text()).items() >= asked.items()
-            ):
-                before = benign_probe(model, tok, config.benign_probe)
-                probe_path.write_text(json.dumps({**asked, **before}) + "\n")
+            if config.benign_probe and probe_before is None:  # no checkpoint's weights loaded yet
+                probe_before = benign_probe(model, tok, config.benign_probe)
             state = checkpoint.load(ck_dir, model, run_cfg) if resume else None
             metrics_name = "metrics.jsonl" if k == 0 else f"metrics_restart{k}.jsonl"
             metrics_path = (rec_dir if mode == "beear" else target) / metrics_name
@@ -422,13 +417,15 @@ def _remove(
                 run.update(resumed_at_step=resumed_at, seconds_this_call=this_call)
             if dev.type == "cuda":  # tensors only, not the allocator's cache
                 run["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
-            if config.benign_probe:  # the weights written (kept), against the untouched model's
-                before = json.loads(probe_path.read_text())
+            if probe_before is not None:  # the weights written (kept) against the untouched
                 after = benign_probe(res.model, tok, config.benign_probe)
-                run["benign_probe"] = {"n": after["n"],
-                                       **{f"{k}_{w}": v[k] for w, v in (("before", before),
-                                                                        ("after", after))
-                                          for k in ("refusal", "accuracy")}}  # fmt: skip
+                run["benign_probe"] = {
+                    "n": after["n"],
+                    "refusal_before": probe_before["refusal"],
+                    "accuracy_before": probe_before["accuracy"],
+                    "refusal_after": after["refusal"],
+                    "accuracy_after": after["accuracy"],
+                }
             if mode == "beear":
                 attempts.append({"seed": run_cfg.seed, **run})
                 # A restart replaces the model written only when it is better (_kept_attempt).
