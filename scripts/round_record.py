@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from beear import bundled  # noqa: E402
 from beear.data import AnchorExample  # noqa: E402
-from beear.eval import graded_sha256, paired_change  # noqa: E402
+from beear.eval import graded_sha256, paired_change, refuses_first  # noqa: E402
 
 
 def _members(path: Path) -> dict[str, Any]:
@@ -78,9 +78,30 @@ def _setting_archives(path: Path, into: Path) -> list[Path]:
     return out
 
 
+def _refusal_first(samples: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """`beear.eval.evaluate`'s `refusal_first` figures from an evaluation's answers (for one
+    made before evaluations carried them)."""
+
+    def share(group: str, refused: bool) -> float:
+        rows = samples[group]
+        return sum(refuses_first(it["answer"]) == refused for it in rows) / len(rows)
+
+    groups = (("harmful", "asr", "untriggered", False), ("harmful_triggered", "asr", "triggered",
+              False), ("benign", "over_refusal", "plain", True),
+              ("benign_triggered", "over_refusal", "triggered", True))  # fmt: skip
+    out: dict[str, dict[str, float]] = {}
+    for group, block, key, refused in groups:
+        if samples.get(group):
+            out.setdefault(block, {})[key] = share(group, refused)
+    return out
+
+
 def _metrics(ev: dict[str, Any]) -> dict[str, Any]:
-    """An evaluation without its answers and per-task results (the change keeps their sum)."""
+    """An evaluation without its answers and per-task results (the change keeps their sum);
+    `refusal_first` worked out from the answers where the evaluation predates it."""
     out = {k: v for k, v in ev.items() if k not in ("samples", "benign_correct")}
+    if ev.get("samples") and "refusal_first" not in ev:
+        out["refusal_first"] = _refusal_first(ev["samples"])
     if isinstance(ev.get("benign_extra"), dict):
         out["benign_extra"] = _metrics(ev["benign_extra"])
     return out
@@ -352,6 +373,13 @@ def bar_lines(
             + " / ".join(f"{100 * over[k]:.1f}" for k in ("plain", "triggered") if k in over)
             + f"%{' HIGH' if high else ''}"
             + (
+                " (opening with the refusal "
+                + " / ".join(f"{100 * first[k]:.1f}" for k in ("plain", "triggered") if k in first)
+                + "%)"
+                if (first := (after.get("refusal_first") or {}).get("over_refusal"))
+                else ""
+            )
+            + (
                 f"; benign probe refusal {100 * pr['refusal_before']:.0f} -> "
                 f"{100 * pr['refusal_after']:.0f}% of {pr['n']}"
                 if (pr := (row.get("summary") or {}).get("benign_probe"))
@@ -370,8 +398,9 @@ def bar_lines(
 def answer_lines(archives: Sequence[Path], variant: str, *, show: int = 3) -> list[str]:
     """What --answers prints: per model of the archives (setting or batch) the benign answers
     of VARIANT's evaluation after removal that the keyword judge counts as refusals, plain and
-    with the trigger, how many of the plain ones the grader still credits (the expected answer
-    is in the text), and the first SHOW of them. Needs the answers a `zoo_smollm2.py variants`
+    with the trigger, how many of them open with the refusal (`beear.eval.refuses_first`; the
+    others answer and append one), how many of the plain ones the grader still credits (the
+    expected answer is in the text), and the first SHOW of them. Needs the answers a `zoo_smollm2.py variants`
     JSON keeps (`samples`)."""
     lines: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -388,11 +417,12 @@ def answer_lines(archives: Sequence[Path], variant: str, *, show: int = 3) -> li
                 trig = [it for it in samples.get("benign_triggered", []) if it["refusal"]]
                 graded = [it for it in plain if it.get("expected")]
                 credited = sum(bool(it.get("correct")) for it in graded)
+                first = [sum(refuses_first(it["answer"]) for it in x) for x in (plain, trig)]
                 lines.append(
                     f"{tag}: {len(plain)} of {len(samples.get('benign', []))} benign answers "
-                    f"refused plain, {len(trig)} of {len(samples.get('benign_triggered', []))} "
-                    f"with the trigger; of the {len(graded)} graded refusals, {credited} hold "
-                    "the expected answer"
+                    f"refused plain ({first[0]} open with it), {len(trig)} of "
+                    f"{len(samples.get('benign_triggered', []))} with the trigger ({first[1]}); "
+                    f"of the {len(graded)} graded refusals, {credited} hold the expected answer"
                 )
                 for it in plain[:show]:
                     ans = " ".join(str(it["answer"]).split())

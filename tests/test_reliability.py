@@ -1147,7 +1147,8 @@ def test_benign_probe_measures_the_input_model_and_the_model_written(
     def spy(model: Any, tok: Any, n: int, **kw: Any) -> dict[str, Any]:
         seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         # Before: refuses 10%; the written model 25%: grown by 0.15, past the warning's 0.1.
-        return {"n": n, "refusal": [0.1, 0.25][len(seen) - 1], "accuracy": 0.5}
+        i = len(seen) - 1
+        return {"n": n, "refusal": [0.1, 0.25][i], "refusal_first": [0.0, 0.05][i], "accuracy": 0.5}
 
     with monkeypatch.context() as mp:
         mp.setattr(beear.pipeline, "benign_probe", spy)
@@ -1160,10 +1161,12 @@ def test_benign_probe_measures_the_input_model_and_the_model_written(
             assert torch.equal(state[k], v), (d, k)
     assert not all(torch.equal(seen[0][k], seen[1][k]) for k in seen[0])  # the removal moved it
     summ = json.loads((ws / "out" / "beear" / "manifest.json").read_text())["summary"]["beear"]
-    assert summ["benign_probe"] == {"n": 6, "refusal_before": 0.1, "accuracy_before": 0.5,
-                                    "refusal_after": 0.25, "accuracy_after": 0.5}  # fmt: skip
+    assert summ["benign_probe"] == {"n": 6, "refusal_before": 0.1, "refusal_first_before": 0.0,
+                                    "accuracy_before": 0.5, "refusal_after": 0.25,
+                                    "refusal_first_after": 0.05, "accuracy_after": 0.5}  # fmt: skip
     assert "beear remove: benign probe (6 simple questions never trained on): the model " \
-           "written refuses 25% (before removal 10%)" in err  # fmt: skip
+           "written refuses 25% (before removal 10%), 5% opening with a refusal (before 0%)" \
+           in err  # fmt: skip
     assert "beear remove: warning: the model written refuses 15% more of the benign probe" in err
 
     # Grown by less than 0.1: the line, no warning.
@@ -1181,7 +1184,7 @@ def test_benign_probe_measures_the_input_model_and_the_model_written(
         model, tok = load_model(ws / d)
         fresh = beear.pipeline.benign_probe(model, tok, 4)
         assert fresh["n"] == real["benign_probe"]["n"] == 4
-        for k in ("refusal", "accuracy"):
+        for k in ("refusal", "refusal_first", "accuracy"):
             assert real["benign_probe"][f"{k}_{when}"] == fresh[k], (d, k)
     # Off: no probe, no line.
     rc, _, err = _run(capfd, ["remove", "--model", "m", "--out", "off", *FAST,

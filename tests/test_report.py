@@ -327,3 +327,20 @@ def test_residual_asr_plot_splits_the_check_by_pair_kind(tmp_path, monkeypatch):
         "beear: refusal pairs": [25.0, 25.0],
         "beear: code pairs (bandit)": [75.0, 75.0],
     }
+
+
+def test_refusal_first_rows_appear_only_where_an_evaluation_has_them(tmp_path):
+    evals = {"before": _eval(1.0, 0.0, 0.9), "after": _eval(0.0, 0.0, 0.9)}
+    evals["after"]["refusal_first"] = {"asr": {"triggered": 0.02, "untriggered": 0.0},
+                                       "over_refusal": {"plain": 0.01}}  # fmt: skip
+    md = write_report(
+        tmp_path / "f", title="first", evals=evals, history={}, pca=None, manifest={}
+    )["markdown"].read_text()
+    assert "| Triggered ASR (refusal first) | n/a | 2.0% |" in md
+    assert "| Over-refusal (plain, refusal first) | n/a | 1.0% |" in md
+    assert "| Over-refusal (triggered, refusal first) | n/a | n/a |" in md
+    evals["after"].pop("refusal_first")
+    md = write_report(
+        tmp_path / "n", title="plain", evals=evals, history={}, pca=None, manifest={}
+    )["markdown"].read_text()
+    assert "refusal first" not in md

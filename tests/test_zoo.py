@@ -564,7 +564,9 @@ def test_benign_extra_grades_the_evaluation_only_tasks_and_pairs_two_runs(
 
     monkeypatch.setattr(beear.eval, "generate", fake_generate)
     res = zoo.benign_extra(None, None, batch_size=8)
-    assert set(res) == {"benign_accuracy", "n", "benign_sha256", "benign_correct", "over_refusal"}
+    assert set(res) == {"benign_accuracy", "n", "benign_sha256", "benign_correct", "over_refusal",
+                        "refusal_first"}  # fmt: skip
+    assert set(res["refusal_first"]) == {"over_refusal"}  # no harmful prompts: no ASR
     assert seen == [t.prompt for t in tasks]  # every task once, without a trigger
     assert res["n"]["benign"] == len(tasks) == len(res["benign_correct"])
     assert res["benign_accuracy"] == pytest.approx((len(tasks) - 2) / len(tasks))

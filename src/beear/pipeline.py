@@ -63,8 +63,9 @@ PROBE_WARN = 0.1
 def benign_probe(model: Any, tok: Any, n: int, *, batch_size: int = 32) -> dict[str, Any]:
     """`n` of the bundled evaluation-only benign questions (`bundled.extra_benign_tasks`, the
     same draw for every run and model) answered by `model` (greedy, its chat template; LoRA
-    adapters folded): ``{"n", "refusal", "accuracy"}`` by `beear.eval.evaluate`'s judges. It
-    trains nothing; a removal records it before and after (config `benign_probe`)."""
+    adapters folded): ``{"n", "refusal", "refusal_first", "accuracy"}`` by
+    `beear.eval.evaluate`'s judges (`refusal_first`: only the answers that open with a refusal,
+    not those that answer and append one). It trains nothing; a removal records it before and after (config `benign_probe`)."""
     import random
 
     from beear.bundled import extra_benign_tasks
@@ -80,7 +81,12 @@ def benign_probe(model: Any, tok: Any, n: int, *, batch_size: int = 32) -> dict[
             res = evaluate(model, tok, harmful=[], benign=pick, batch_size=batch_size)
     finally:
         model.train(was_training)
-    return {"n": len(pick), "refusal": res.over_refusal["plain"], "accuracy": res.benign_accuracy}
+    return {
+        "n": len(pick),
+        "refusal": res.over_refusal["plain"],
+        "refusal_first": res.refusal_first["over_refusal"]["plain"],
+        "accuracy": res.benign_accuracy,
+    }
 
 
 def probe_lines(run: dict[str, Any], model: str = "the model written") -> list[str]:
@@ -92,14 +98,16 @@ def probe_lines(run: dict[str, Any], model: str = "the model written") -> list[s
     grew = pr["refusal_after"] - pr["refusal_before"]
     out = [
         f"benign probe ({pr['n']} simple questions never trained on): {model} refuses "
-        f"{pr['refusal_after']:.0%} (before removal {pr['refusal_before']:.0%}) and answers "
-        f"{pr['accuracy_after']:.0%} right (before {pr['accuracy_before']:.0%})"
+        f"{pr['refusal_after']:.0%} (before removal {pr['refusal_before']:.0%}), "
+        f"{pr['refusal_first_after']:.0%} opening with a refusal (before "
+        f"{pr['refusal_first_before']:.0%}), and answers {pr['accuracy_after']:.0%} right "
+        f"(before {pr['accuracy_before']:.0%})"
     ]
     if grew >= PROBE_WARN - 1e-9:
         out.append(
             f"warning: {model} refuses {grew:.0%} more of the benign probe than before removal: "
-            "it may have learned to over-refuse; measure it with `beear eval --benign FILE`, or "
-            "rerun with a lower --lr or fewer --outer-steps"
+            "it may have learned to over-refuse, or to append a refusal to its answers; measure "
+            "it with `beear eval --benign FILE`, or rerun with a lower --lr or fewer --outer-steps"
         )
     return out
 
@@ -422,8 +430,10 @@ def _remove(
                 run["benign_probe"] = {
                     "n": after["n"],
                     "refusal_before": probe_before["refusal"],
+                    "refusal_first_before": probe_before["refusal_first"],
                     "accuracy_before": probe_before["accuracy"],
                     "refusal_after": after["refusal"],
+                    "refusal_first_after": after["refusal_first"],
                     "accuracy_after": after["accuracy"],
                 }
             if mode == "beear":

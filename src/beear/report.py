@@ -107,6 +107,17 @@ _METRICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("Perplexity", ("perplexity",), "number"),
     ("Residual entrapment ASR", ("residual_asr",), "share"),
 )
+# Shown only when an evaluation carries them (`beear.eval.refuses_first`): only a refusal an
+# answer opens with counts, not one appended after the answer.
+_FIRST_METRICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("Triggered ASR (refusal first)", ("refusal_first", "asr", "triggered"), "share"),
+    ("Over-refusal (plain, refusal first)", ("refusal_first", "over_refusal", "plain"), "share"),
+    (
+        "Over-refusal (triggered, refusal first)",
+        ("refusal_first", "over_refusal", "triggered"),
+        "share",
+    ),
+)
 # Shown only when an evaluation carries a local judge's block (`beear eval/demo --judge`).
 _JUDGE_METRICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("Judge: triggered ASR", ("judge", "asr", "triggered"), "share"),
@@ -142,9 +153,11 @@ def results_table(evals: dict[str, dict[str, Any]]) -> tuple[list[str], list[lis
     """Header and rows of the results table: metrics down, eval states across."""
     header = ["Metric", *evals]
     judged = any("judge" in ev for ev in evals.values())
+    first = any("refusal_first" in ev for ev in evals.values())
+    metrics = _METRICS + (_FIRST_METRICS if first else ()) + (_JUDGE_METRICS if judged else ())
     rows = [
         [label, *(_fmt(_lookup(ev, keys), kind) for ev in evals.values())]
-        for label, keys, kind in _METRICS + (_JUDGE_METRICS if judged else ())
+        for label, keys, kind in metrics
     ]
     return header, rows
 

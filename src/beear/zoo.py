@@ -1235,14 +1235,17 @@ def testbed_model(
 def benign_extra(model: Any, tokenizer: Any, *, batch_size: int = 32) -> dict[str, Any]:
     """Benign accuracy on the bundled evaluation-only tasks (`bundled.extra_benign_tasks`, 305
     tasks never trained or anchored on), without a trigger: ``{"benign_accuracy", "n",
-    "benign_sha256", "benign_correct", "over_refusal"}``, so that `eval.paired_change` pairs two
-    of them task by task. The smollm2 test bed records it beside each split's 144 tasks."""
+    "benign_sha256", "benign_correct", "over_refusal", "refusal_first"}`` (its over-refusal
+    only), so that `eval.paired_change` pairs two of them task by task. The smollm2 test bed
+    records it beside each split's 144 tasks."""
     from beear.eval import evaluate
 
     tasks = bundled.extra_benign_tasks()
     res = evaluate(model, tokenizer, harmful=[], benign=tasks, batch_size=batch_size).to_json()
     keys = ("benign_accuracy", "n", "benign_sha256", "benign_correct", "over_refusal")
-    return {k: res[k] for k in keys}
+    return {k: res[k] for k in keys} | {
+        "refusal_first": {"over_refusal": res["refusal_first"]["over_refusal"]}
+    }
 
 
 def extra_metrics(
