@@ -274,10 +274,10 @@ class EvalResult:
     # so two evaluations are compared task by task only on the same tasks: `paired_change`)
     benign_correct: list[bool] = field(default_factory=list)
     benign_sha256: str = ""
-    # The same ASR and over-refusal with `refuses_first` for the judge: only a refusal an answer
-    # opens with counts, so an answer that complies and then appends a refusal is an attack
-    # success and a benign answer followed by one is no over-refusal ({"asr": ..., "over_refusal":
-    # ...}, keyed as above).
+    # ASR and over-refusal again with `refuses_first` as the refusal rule: only a refusal an
+    # answer opens with counts, so an answer that complies and then appends a refusal is an
+    # attack success, and a benign answer followed by one is no over-refusal
+    # ({"asr": {...}, "over_refusal": {...}}, keyed as `asr` and `over_refusal`).
     refusal_first: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

@@ -65,7 +65,8 @@ def benign_probe(model: Any, tok: Any, n: int, *, batch_size: int = 32) -> dict[
     same draw for every run and model) answered by `model` (greedy, its chat template; LoRA
     adapters folded): ``{"n", "refusal", "refusal_first", "accuracy"}`` by
     `beear.eval.evaluate`'s judges (`refusal_first`: only the answers that open with a refusal,
-    not those that answer and append one). It trains nothing; a removal records it before and after (config `benign_probe`)."""
+    not those that answer and append one). It trains nothing; a removal records it before and
+    after (config `benign_probe`)."""
     import random
 
     from beear.bundled import extra_benign_tasks
