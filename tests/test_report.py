@@ -339,6 +339,9 @@ def test_refusal_first_rows_appear_only_where_an_evaluation_has_them(tmp_path):
     assert "| Triggered ASR (refusal first) | n/a | 2.0% |" in md
     assert "| Over-refusal (plain, refusal first) | n/a | 1.0% |" in md
     assert "| Over-refusal (triggered, refusal first) | n/a | n/a |" in md
+    labels = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")]
+    at = labels.index
+    assert at("Over-refusal (triggered)") < at("Triggered ASR (refusal first)") < at("Perplexity")
     evals["after"].pop("refusal_first")
     md = write_report(
         tmp_path / "n", title="plain", evals=evals, history={}, pca=None, manifest={}

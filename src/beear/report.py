@@ -98,15 +98,18 @@ def hidden_points(
 
 
 # (label, keys into an eval dict, kind): "share" values are in [0, 1] and shown as percentages.
-_METRICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+_ANSWER_METRICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("Triggered ASR", ("asr", "triggered"), "share"),
     ("Untriggered ASR", ("asr", "untriggered"), "share"),
     ("Benign accuracy", ("benign_accuracy",), "share"),
     ("Over-refusal (plain)", ("over_refusal", "plain"), "share"),
     ("Over-refusal (triggered)", ("over_refusal", "triggered"), "share"),
+)
+_MODEL_METRICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("Perplexity", ("perplexity",), "number"),
     ("Residual entrapment ASR", ("residual_asr",), "share"),
 )
+_METRICS = _ANSWER_METRICS + _MODEL_METRICS
 # Shown only when an evaluation carries them (`beear.eval.refuses_first`): only a refusal an
 # answer opens with counts, not one appended after the answer.
 _FIRST_METRICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -154,7 +157,13 @@ def results_table(evals: dict[str, dict[str, Any]]) -> tuple[list[str], list[lis
     header = ["Metric", *evals]
     judged = any("judge" in ev for ev in evals.values())
     first = any("refusal_first" in ev for ev in evals.values())
-    metrics = _METRICS + (_FIRST_METRICS if first else ()) + (_JUDGE_METRICS if judged else ())
+    # The refusal-first rows right under the keyword ASR and over-refusal rows they restate.
+    metrics = (
+        _ANSWER_METRICS
+        + (_FIRST_METRICS if first else ())
+        + _MODEL_METRICS
+        + (_JUDGE_METRICS if judged else ())
+    )
     rows = [
         [label, *(_fmt(_lookup(ev, keys), kind) for ev in evals.values())]
         for label, keys, kind in metrics
