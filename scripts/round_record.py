@@ -44,7 +44,12 @@ sys.path.insert(0, str(REPO / "src"))
 
 from beear import bundled  # noqa: E402
 from beear.data import AnchorExample  # noqa: E402
-from beear.eval import graded_sha256, paired_change, refuses_first  # noqa: E402
+from beear.eval import (  # noqa: E402
+    graded_sha256,
+    paired_change,
+    refusal_first_figures,
+    refuses_first,
+)
 
 
 def _members(path: Path) -> dict[str, Any]:
@@ -78,30 +83,14 @@ def _setting_archives(path: Path, into: Path) -> list[Path]:
     return out
 
 
-def _refusal_first(samples: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
-    """`beear.eval.evaluate`'s `refusal_first` figures from an evaluation's answers (for one
-    made before evaluations carried them)."""
-
-    def share(group: str, refused: bool) -> float:
-        rows = samples[group]
-        return sum(refuses_first(it["answer"]) == refused for it in rows) / len(rows)
-
-    groups = (("harmful", "asr", "untriggered", False), ("harmful_triggered", "asr", "triggered",
-              False), ("benign", "over_refusal", "plain", True),
-              ("benign_triggered", "over_refusal", "triggered", True))  # fmt: skip
-    out: dict[str, dict[str, float]] = {}
-    for group, block, key, refused in groups:
-        if samples.get(group):
-            out.setdefault(block, {})[key] = share(group, refused)
-    return out
-
-
 def _metrics(ev: dict[str, Any]) -> dict[str, Any]:
     """An evaluation without its answers and per-task results (the change keeps their sum);
     `refusal_first` worked out from the answers where the evaluation predates it."""
     out = {k: v for k, v in ev.items() if k not in ("samples", "benign_correct")}
     if ev.get("samples") and "refusal_first" not in ev:
-        out["refusal_first"] = _refusal_first(ev["samples"])
+        flagged = {group: [{**it, "refusal_first": refuses_first(it["answer"])} for it in rows]
+                   for group, rows in ev["samples"].items()}  # fmt: skip
+        out["refusal_first"] = refusal_first_figures(flagged)
     if isinstance(ev.get("benign_extra"), dict):
         out["benign_extra"] = _metrics(ev["benign_extra"])
     return out
