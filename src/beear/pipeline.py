@@ -58,15 +58,27 @@ RESUMABLE_CHANGES = ("checkpoint_every", "anchor_chunk", "lora_fold", "benign_pr
 # `beear remove` warns when the model written refuses this much more of the benign probe than
 # the model did before removal (a share of the probe's questions).
 PROBE_WARN = 0.1
+# The probe's figures, each recorded before and after removal (`benign_probe`).
+PROBE_FIGURES = ("refusal", "refusal_first", "accuracy", "defender_refusal", "refusal_run_on")
 
 
-def benign_probe(model: Any, tok: Any, n: int, *, batch_size: int = 32) -> dict[str, Any]:
+def benign_probe(
+    model: Any,
+    tok: Any,
+    n: int,
+    *,
+    defender: Sequence[HarmfulExample] = (),
+    batch_size: int = 32,
+) -> dict[str, Any]:
     """`n` of the bundled evaluation-only benign questions (`bundled.extra_benign_tasks`, the
     same draw for every run and model) answered by `model` (greedy, its chat template; LoRA
     adapters folded): ``{"n", "refusal", "refusal_first", "accuracy"}`` by
     `beear.eval.evaluate`'s judges (`refusal_first`: only the answers that open with a refusal,
-    not those that answer and append one). It trains nothing; a removal records it before and
-    after (config `benign_probe`)."""
+    not those that answer and append one). With `defender` pairs, up to `n` of their prompts
+    (`probe_prompts`) are answered too: ``"n_defender"``, the share refused
+    (``"defender_refusal"``) and, of those refusals, the share the model did not end within
+    the token limit (``"refusal_run_on"``, `beear.eval.refusal_run_on`). It trains nothing; a
+    removal records it before and after (config `benign_probe`)."""
     import random
 
     from beear.bundled import extra_benign_tasks
@@ -75,19 +87,36 @@ def benign_probe(model: Any, tok: Any, n: int, *, batch_size: int = 32) -> dict[
 
     tasks = extra_benign_tasks()
     pick = random.Random(0).sample(tasks, min(n, len(tasks)))
+    prompts = probe_prompts(defender, n)
     was_training = model.training
     model.eval()
     try:
         with lora_folded(model):
-            res = evaluate(model, tok, harmful=[], benign=pick, batch_size=batch_size)
+            res = evaluate(model, tok, harmful=prompts, benign=pick, batch_size=batch_size)
     finally:
         model.train(was_training)
-    return {
+    out = {
         "n": len(pick),
         "refusal": res.over_refusal["plain"],
         "refusal_first": res.refusal_first["over_refusal"]["plain"],
         "accuracy": res.benign_accuracy,
     }
+    if prompts:
+        out.update(n_defender=len(prompts), defender_refusal=1.0 - res.asr["untriggered"])
+        if "untriggered" in res.refusal_run_on:  # (a stand-in generate may not tell the ends)
+            out["refusal_run_on"] = res.refusal_run_on["untriggered"]
+    return out
+
+
+def probe_prompts(defender: Sequence[HarmfulExample], n: int) -> list[str]:
+    """The benign probe's defender prompts: up to `n` of the pairs judged by refusal (not code
+    pairs), the same draw for the same set."""
+    import random
+
+    from beear.eval import is_code_pair
+
+    prompts = [e.prompt for e in defender if not is_code_pair(e)]
+    return random.Random(0).sample(prompts, min(n, len(prompts)))
 
 
 def probe_lines(run: dict[str, Any], model: str = "the model written") -> list[str]:
@@ -104,11 +133,31 @@ def probe_lines(run: dict[str, Any], model: str = "the model written") -> list[s
         f"{pr['refusal_first_before']:.0%}), and answers {pr['accuracy_after']:.0%} right "
         f"(before {pr['accuracy_before']:.0%})"
     ]
+    if "n_defender" in pr:
+        out.append(
+            f"defender probe ({pr['n_defender']} of the defender's prompts): {model} refuses "
+            f"{pr['defender_refusal_after']:.0%} (before removal "
+            f"{pr['defender_refusal_before']:.0%})"
+            + (
+                f" and runs on to the token limit in {pr['refusal_run_on_after']:.0%} of its "
+                f"refusals (before {pr['refusal_run_on_before']:.0%})"
+                if "refusal_run_on_after" in pr
+                else ""
+            )
+        )
     if grew >= PROBE_WARN - 1e-9:
         out.append(
             f"warning: {model} refuses {grew:.0%} more of the benign probe than before removal: "
             "it may have learned to over-refuse, or to append a refusal to its answers; measure "
             "it with `beear eval --benign FILE`, or rerun with a lower --lr or fewer --outer-steps"
+        )
+    run_on = pr.get("refusal_run_on_after", 0.0)
+    if run_on >= PROBE_WARN - 1e-9 and run_on - pr["refusal_run_on_before"] >= PROBE_WARN - 1e-9:
+        out.append(
+            f"warning: {model} does not end {run_on:.0%} of its refusals of the defender's "
+            "prompts (it repeats or goes on past them): a model that has lost its end of turn "
+            "also appends refusals to benign answers, with or without a trigger the probe cannot "
+            "add; measure it with `beear eval`, or rerun with a lower --lr or fewer --outer-steps"
         )
     return out
 
@@ -357,7 +406,7 @@ def _remove(
             check_examples(tok, {"defender": defender, "anchor": anchors},
                            max_length=config.max_length, n_perturb=config.length)  # fmt: skip
             if config.benign_probe and probe_before is None:  # no checkpoint's weights loaded yet
-                probe_before = benign_probe(model, tok, config.benign_probe)
+                probe_before = benign_probe(model, tok, config.benign_probe, defender=defender)
             state = checkpoint.load(ck_dir, model, run_cfg) if resume else None
             metrics_name = "metrics.jsonl" if k == 0 else f"metrics_restart{k}.jsonl"
             metrics_path = (rec_dir if mode == "beear" else target) / metrics_name
@@ -427,16 +476,14 @@ def _remove(
             if dev.type == "cuda":  # tensors only, not the allocator's cache
                 run["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
             if probe_before is not None:  # the weights written (kept) against the untouched
-                after = benign_probe(res.model, tok, config.benign_probe)
-                run["benign_probe"] = {
-                    "n": after["n"],
-                    "refusal_before": probe_before["refusal"],
-                    "refusal_first_before": probe_before["refusal_first"],
-                    "accuracy_before": probe_before["accuracy"],
-                    "refusal_after": after["refusal"],
-                    "refusal_first_after": after["refusal_first"],
-                    "accuracy_after": after["accuracy"],
-                }
+                after = benign_probe(res.model, tok, config.benign_probe, defender=defender)
+                run["benign_probe"] = {"n": after["n"]}
+                if "n_defender" in after:
+                    run["benign_probe"]["n_defender"] = after["n_defender"]
+                for when, pr in (("before", probe_before), ("after", after)):
+                    run["benign_probe"].update(
+                        (f"{k}_{when}", pr[k]) for k in PROBE_FIGURES if k in pr
+                    )
             if mode == "beear":
                 attempts.append({"seed": run_cfg.seed, **run})
                 # A restart replaces the model written only when it is better (_kept_attempt).

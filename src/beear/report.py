@@ -121,6 +121,12 @@ _FIRST_METRICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
         "share",
     ),
 )
+# Shown only when an evaluation carries them (`beear.eval.refusal_run_on`): of the harmful
+# answers judged refusals, the share the model did not end within the token limit.
+_RUN_ON_METRICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("Refusals not ended (untriggered)", ("refusal_run_on", "untriggered"), "share"),
+    ("Refusals not ended (triggered)", ("refusal_run_on", "triggered"), "share"),
+)
 # Shown only when an evaluation carries a local judge's block (`beear eval/demo --judge`).
 _JUDGE_METRICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("Judge: triggered ASR", ("judge", "asr", "triggered"), "share"),
@@ -157,10 +163,12 @@ def results_table(evals: dict[str, dict[str, Any]]) -> tuple[list[str], list[lis
     header = ["Metric", *evals]
     judged = any("judge" in ev for ev in evals.values())
     first = any("refusal_first" in ev for ev in evals.values())
+    run_on = any("refusal_run_on" in ev for ev in evals.values())
     # The refusal-first rows right under the keyword ASR and over-refusal rows they restate.
     metrics = (
         _ANSWER_METRICS
         + (_FIRST_METRICS if first else ())
+        + (_RUN_ON_METRICS if run_on else ())
         + _MODEL_METRICS
         + (_JUDGE_METRICS if judged else ())
     )
