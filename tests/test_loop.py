@@ -226,6 +226,31 @@ def test_stops_after_patience_passing_checks(
     assert res.best_step == min((2, 3), key=lambda s: res.history[s]["anchor_ce"])
 
 
+def test_check_records_the_share_of_plain_refusals_not_ended(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _script_check(monkeypatch, [1.0, 1.0])
+    held, _ = beear.loop.split_check(data["defender"], SMALL.check_prompts, SMALL.seed)
+    # The first held-back prompt is answered and the answer ends; the second refuses and ends;
+    # the third refuses and runs on to the token limit.
+    said = {held[0].prompt: ("Sure, here.", True), held[1].prompt: ("I cannot.", True),
+            held[2].prompt: ("I cannot. I cannot.", False)}  # fmt: skip
+
+    def fake_generate(_m: Any, _t: Any, prompts: list[str], **kw: Any) -> list[str]:
+        if kw.get("ended") is not None:
+            kw["ended"] += [said.get(p, ("", True))[1] for p in prompts]
+        return [said.get(p, ("I cannot.", True))[0] for p in prompts]
+
+    monkeypatch.setattr(beear.loop, "generate", fake_generate)
+    res = _run(make_model(seed=0), tiny_tok, data, SMALL.replace(outer_steps=1))
+    assert [r["check_plain_run_on"] for r in res.history] == [0.5, 0.5]
+    assert [r["check_plain_asr"] for r in res.history] == pytest.approx([1 / 3, 1 / 3])
+    # A generate that does not report the ends gives no figure.
+    _script_check(monkeypatch, [1.0, 1.0])
+    res = _run(make_model(seed=0), tiny_tok, data, SMALL.replace(outer_steps=1))
+    assert not any("check_plain_run_on" in r for r in res.history)
+
+
 def _yaml_pairs(n: int) -> list[HarmfulExample]:
     return [HarmfulExample(f"Write loader {i}.", "```python\nyaml.safe_load(x)\n```",
                            "```python\nyaml.load(x)\n```") for i in range(n)]  # fmt: skip

@@ -1140,6 +1140,8 @@ def test_benign_probe_measures_the_input_model_and_the_model_written(
     ws: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import beear.pipeline
+    from beear.config import RemovalConfig
+    from beear.loop import split_check
     from beear.models import load_model
 
     seen: list[dict[str, torch.Tensor]] = []
@@ -1191,22 +1193,28 @@ def test_benign_probe_measures_the_input_model_and_the_model_written(
         assert f"runs on to the token limit in {after:.0%} of its refusals" in lines[1]
         assert any("does not end" in line for line in lines) == warned, (after, before)
 
-    # The real probe, 4 questions and 4 of the defender's prompts (those the test bed wrote
-    # beside the model): its figures are those of the two models measured afresh.
+    # The real probe, 4 questions and the defender's prompts the check holds back (of those the
+    # test bed wrote beside the model; FAST holds back 2): its figures are those of the two
+    # models measured afresh.
     rc, _, err = _run(capfd, ["remove", "--model", "m", "--out", "real", *FAST,
                               "--benign-probe", "4"])  # fmt: skip
     assert rc == 0, err
     real = json.loads((ws / "real" / "beear" / "manifest.json").read_text())["summary"]["beear"]
+    cfg = RemovalConfig(**json.loads((ws / "real" / "beear" / "config.json").read_text()))
     defender = load_harmful(ws / "m" / DATA_DIR / "defender_harmful.jsonl")
-    assert real["benign_probe"]["n_defender"] == 4
+    held, trained = split_check(defender, cfg.check_prompts, cfg.seed)
+    probed = beear.pipeline.probe_prompts(defender, 4, cfg)
+    assert probed == [e.prompt for e in held] and len(probed) == 2
+    assert not set(probed) & {e.prompt for e in trained}  # never trained on
+    assert real["benign_probe"]["n_defender"] == 2
     for d, when in (("m", "before"), ("real", "after")):
         model, tok = load_model(ws / d)
-        fresh = beear.pipeline.benign_probe(model, tok, 4, defender=defender)
+        fresh = beear.pipeline.benign_probe(model, tok, 4, defender=probed)
         assert fresh["n"] == real["benign_probe"]["n"] == 4
         for k in beear.pipeline.PROBE_FIGURES:
             assert real["benign_probe"][f"{k}_{when}"] == fresh[k], (d, k)
-    assert "beear remove: defender probe (4 of the defender's prompts): the model written " \
-           "refuses" in err  # fmt: skip
+    assert "beear remove: defender probe (2 of the defender's prompts held back from " \
+           "training): the model written refuses" in err  # fmt: skip
     # Off: no probe, no line.
     rc, _, err = _run(capfd, ["remove", "--model", "m", "--out", "off", *FAST,
                               "--benign-probe", "0"])  # fmt: skip

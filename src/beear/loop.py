@@ -357,15 +357,27 @@ def run_beear(
         the others by refusal (answers of max_new_tokens). The shares mix both kinds; with code
         pairs in the check, the records also give each kind's share (`check_asr_code` ...)."""
         r = search(budget)
-        plain = answer_pairs(
-            lambda ps, k: generate(model, tokenizer, ps, max_new_tokens=k), check_set,
-            max_new_tokens=cfg.max_new_tokens, code_tokens=cfg.check_code_tokens,
-        )  # fmt: skip
+        ended: dict[str, bool] = {}  # whether the model ended each plain answer
+
+        def gen(ps: list[str], k: int) -> list[str]:
+            flags: list[bool] = []
+            ans = generate(model, tokenizer, ps, max_new_tokens=k, ended=flags)
+            ended.update(zip(ps, flags, strict=False))  # (a stand-in may give no flags)
+            return ans
+
+        plain = answer_pairs(gen, check_set, max_new_tokens=cfg.max_new_tokens,
+                             code_tokens=cfg.check_code_tokens)  # fmt: skip
         out = {
             "check_asr": r.asr,
             "check_plain_asr": plain.asr,
             "check_unwanted_ce": r.unwanted_ce,
         }
+        # Of the plain refusals, the share not ended within max_new_tokens: a model that has
+        # lost its end of turn runs on past its refusals (docs/smollm2.md, "Stop 41").
+        refused = [e.prompt for e, a, c in zip(check_set, plain.answers, plain.code, strict=True)
+                   if not c and is_refusal(a)]  # fmt: skip
+        if refused and all(p in ended for p in refused):
+            out["check_plain_run_on"] = sum(not ended[p] for p in refused) / len(refused)
         if any(plain.code):
             kinds = {
                 "check_asr_refusal": r.asr_refusal,

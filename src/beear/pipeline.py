@@ -67,15 +67,15 @@ def benign_probe(
     tok: Any,
     n: int,
     *,
-    defender: Sequence[HarmfulExample] = (),
+    defender: Sequence[str] = (),
     batch_size: int = 32,
 ) -> dict[str, Any]:
     """`n` of the bundled evaluation-only benign questions (`bundled.extra_benign_tasks`, the
     same draw for every run and model) answered by `model` (greedy, its chat template; LoRA
     adapters folded): ``{"n", "refusal", "refusal_first", "accuracy"}`` by
     `beear.eval.evaluate`'s judges (`refusal_first`: only the answers that open with a refusal,
-    not those that answer and append one). With `defender` pairs, up to `n` of their prompts
-    (`probe_prompts`) are answered too: ``"n_defender"``, the share refused
+    not those that answer and append one). With `defender` prompts (a removal passes
+    `probe_prompts`) they are answered too: ``"n_defender"``, the share refused
     (``"defender_refusal"``) and, of those refusals, the share the model did not end within
     the token limit (``"refusal_run_on"``, `beear.eval.refusal_run_on`). It trains nothing; a
     removal records it before and after (config `benign_probe`)."""
@@ -87,7 +87,7 @@ def benign_probe(
 
     tasks = extra_benign_tasks()
     pick = random.Random(0).sample(tasks, min(n, len(tasks)))
-    prompts = probe_prompts(defender, n)
+    prompts = list(defender)
     was_training = model.training
     model.eval()
     try:
@@ -108,15 +108,15 @@ def benign_probe(
     return out
 
 
-def probe_prompts(defender: Sequence[HarmfulExample], n: int) -> list[str]:
-    """The benign probe's defender prompts: up to `n` of the pairs judged by refusal (not code
-    pairs), the same draw for the same set."""
-    import random
-
+def probe_prompts(defender: Sequence[HarmfulExample], n: int, config: RemovalConfig) -> list[str]:
+    """The benign probe's defender prompts: up to `n` of those the removal holds back for its
+    check and never trains on (`loop.split_check` with `config`'s seed), of the pairs judged by
+    refusal (not code pairs)."""
     from beear.eval import is_code_pair
+    from beear.loop import split_check
 
-    prompts = [e.prompt for e in defender if not is_code_pair(e)]
-    return random.Random(0).sample(prompts, min(n, len(prompts)))
+    held, _ = split_check(defender, config.check_prompts, config.seed)
+    return [e.prompt for e in held if not is_code_pair(e)][:n]
 
 
 def probe_lines(run: dict[str, Any], model: str = "the model written") -> list[str]:
@@ -135,7 +135,8 @@ def probe_lines(run: dict[str, Any], model: str = "the model written") -> list[s
     ]
     if "n_defender" in pr:
         out.append(
-            f"defender probe ({pr['n_defender']} of the defender's prompts): {model} refuses "
+            f"defender probe ({pr['n_defender']} of the defender's prompts held back from "
+            f"training): {model} refuses "
             f"{pr['defender_refusal_after']:.0%} (before removal "
             f"{pr['defender_refusal_before']:.0%})"
             + (
@@ -406,7 +407,8 @@ def _remove(
             check_examples(tok, {"defender": defender, "anchor": anchors},
                            max_length=config.max_length, n_perturb=config.length)  # fmt: skip
             if config.benign_probe and probe_before is None:  # no checkpoint's weights loaded yet
-                probe_before = benign_probe(model, tok, config.benign_probe, defender=defender)
+                probed = probe_prompts(defender, config.benign_probe, config)
+                probe_before = benign_probe(model, tok, config.benign_probe, defender=probed)
             state = checkpoint.load(ck_dir, model, run_cfg) if resume else None
             metrics_name = "metrics.jsonl" if k == 0 else f"metrics_restart{k}.jsonl"
             metrics_path = (rec_dir if mode == "beear" else target) / metrics_name
@@ -476,7 +478,8 @@ def _remove(
             if dev.type == "cuda":  # tensors only, not the allocator's cache
                 run["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
             if probe_before is not None:  # the weights written (kept) against the untouched
-                after = benign_probe(res.model, tok, config.benign_probe, defender=defender)
+                probed = probe_prompts(defender, config.benign_probe, config)
+                after = benign_probe(res.model, tok, config.benign_probe, defender=probed)
                 run["benign_probe"] = {"n": after["n"]}
                 if "n_defender" in after:
                     run["benign_probe"]["n_defender"] = after["n_defender"]
