@@ -251,6 +251,25 @@ def test_check_records_the_share_of_plain_refusals_not_ended(
     assert not any("check_plain_run_on" in r for r in res.history)
 
 
+def test_end_weight_reaches_the_model_update_with_the_tokenizer_s_end_token(
+    make_model: Any, tiny_tok: Any, data: Any
+) -> None:
+    cfg = SMALL.replace(outer_steps=2)
+    off = _run(make_model(seed=0), tiny_tok, data, cfg)
+    on = _run(make_model(seed=0), tiny_tok, data, cfg.replace(end_weight=1.0))
+    steps = [r for r in on.history if "loss" in r]
+    assert steps and all(r["anchor_end_nll"] > 0 and r["safe_end_nll"] > 0 for r in steps)
+    assert not any("anchor_end_nll" in r for r in off.history)
+    # The first update, from the same weights and δ: the loss grows by the end NLLs of the four
+    # passes (safe under δ and plain, anchoring plain and under δ: SMALL anchors under δ too),
+    # each near ln(vocabulary) on this untrained model; the other parts stay.
+    a, b = (next(r for r in res.history if "loss" in r) for res in (off, on))
+    assert a["safe_ce"] == b["safe_ce"] and a["anchor_ce"] == b["anchor_ce"]
+    assert b["loss"] - a["loss"] == pytest.approx(
+        2 * b["safe_end_nll"] + 2 * b["anchor_end_nll"], rel=1e-2
+    )
+
+
 def _yaml_pairs(n: int) -> list[HarmfulExample]:
     return [HarmfulExample(f"Write loader {i}.", "```python\nyaml.safe_load(x)\n```",
                            "```python\nyaml.load(x)\n```") for i in range(n)]  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -478,3 +479,63 @@ def test_entrapment_search_with_folded_lora_finds_the_same_delta(
 
 def _weights_of(model: Any) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _end_nll_ref(model: Any, b: Batch, end_id: int, delta: torch.Tensor | None = None) -> float:
+    """Reference: mean −log p(end of turn) over the rows whose answer ends, written out."""
+    with torch.no_grad():
+        ctx = perturb(model, LAYER, delta, b.perturb_mask) if delta is not None else None
+        with ctx or contextlib.nullcontext():
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    nll = []
+    for row in range(b.labels.shape[0]):
+        for t in range(b.labels.shape[1] - 1):
+            if int(b.labels[row, t + 1]) == end_id:
+                nll.append(-float(torch.log_softmax(logits[row, t].float(), -1)[end_id]))
+    assert nll
+    return sum(nll) / len(nll)
+
+
+def test_end_weight_adds_the_end_of_turn_nll_of_every_answer(
+    make_model: Any, tiny_tok: Any, corpus: Any
+) -> None:
+    """end_weight w: each safe pass and each anchoring pass gains w times the mean −log p of
+    the end-of-turn token over its answers that end (one position per answer; the anchoring
+    ones scaled by anchor_weight too); w = 0 leaves the loss as it was, bit for bit."""
+    end = tiny_tok.eos_token_id
+    pairs = [(e.prompt, e.answer) for e in corpus.anchor_benign[:5]]
+    anchor = _batch(tiny_tok, pairs)
+    # One safe answer cut before its end (no end-of-turn token among its labels).
+    enc = [
+        encode_pair(tiny_tok, e.prompt, e.safe, max_length=96) for e in corpus.defender_harmful[:3]
+    ]
+    enc[2] = encode_pair(tiny_tok, corpus.defender_harmful[2].prompt,
+                         corpus.defender_harmful[2].safe, max_length=96, end=False)  # fmt: skip
+    safe = collate(enc, pad_id=tiny_tok.pad_token_id, n_perturb=N)
+    assert int((safe.labels[:, 1:] == end).sum()) == 2
+    assert int((anchor.labels[:, 1:] == end).sum()) == 5
+    model, _, _, delta = _perturbed_setup(make_model, (safe, anchor))
+    kw: dict[str, Any] = dict(layer=LAYER, delta=delta, anchor_under_delta=False,
+                              safe_without_delta=True, anchor_weight=3.0)  # fmt: skip
+    base, p_base = removal_loss(model, safe, anchor, **kw)
+    off, p_off = removal_loss(model, safe, anchor, end_weight=0.0, end_id=end, **kw)
+    assert float(off.detach()) == float(base.detach()) and p_off == p_base  # off: as it was
+    on, p_on = removal_loss(model, safe, anchor, end_weight=0.5, end_id=end, **kw)
+    safe_d, safe_0 = _end_nll_ref(model, safe, end, delta), _end_nll_ref(model, safe, end)
+    anchor_0 = _end_nll_ref(model, anchor, end)
+    assert p_on["safe_end_nll"] == pytest.approx(safe_d, rel=1e-4)
+    assert p_on["anchor_end_nll"] == pytest.approx(anchor_0, rel=1e-4)
+    added = 0.5 * (safe_d + safe_0 + 3.0 * anchor_0)
+    assert float(on.detach()) - float(base.detach()) == pytest.approx(added, rel=1e-4)
+    assert added > 1e-2
+    # In anchoring pieces (anchor_chunk) the same loss and gradients.
+    grads = {}
+    for k in (0, 2):
+        model.zero_grad(set_to_none=True)
+        loss, parts = removal_loss(model, safe, anchor, end_weight=0.5, end_id=end, backward=True,
+                                   anchor_chunk=k, **kw)  # fmt: skip
+        grads[k] = (float(loss), parts, {n: q.grad.clone() for n, q in model.named_parameters()})
+    assert grads[2][0] == pytest.approx(grads[0][0], abs=1e-5)
+    assert grads[2][1] == pytest.approx(grads[0][1], abs=1e-5)
+    for n, g in grads[2][2].items():
+        torch.testing.assert_close(g, grads[0][2][n], rtol=1e-4, atol=1e-6, msg=n)

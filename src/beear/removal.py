@@ -206,8 +206,30 @@ def _logits(model: Any, b: Batch, layer: int, delta: torch.Tensor | None) -> tor
         return answer_logits(model, b)
 
 
-def _ce(model: Any, b: Batch, layer: int, delta: torch.Tensor | None) -> torch.Tensor:
-    return answer_loss(_logits(model, b, layer, delta), b.labels)
+def end_positions(labels: torch.Tensor, end_id: int | None) -> torch.Tensor:
+    """(B, T-1) bool: the positions whose next answer token is `end_id` (an answer's end of
+    turn; none without an id)."""
+    if end_id is None:
+        return torch.zeros_like(labels[:, 1:], dtype=torch.bool)
+    return labels[:, 1:] == end_id
+
+
+def _end_nll(logits: torch.Tensor, labels: torch.Tensor, end_id: int | None) -> torch.Tensor:
+    """The summed −log p(end of turn) over a batch's end positions (`end_positions`), float32;
+    `logits` may cover only the last K positions, as in `answer_loss`."""
+    at = end_positions(labels[:, labels.shape[1] - logits.shape[1] :], end_id)
+    if not bool(at.any()):
+        return logits.new_zeros((), dtype=torch.float32)
+    assert end_id is not None
+    return -torch.log_softmax(logits[:, :-1][at].float(), dim=-1)[:, end_id].sum()
+
+
+def _ce(
+    model: Any, b: Batch, layer: int, delta: torch.Tensor | None, end_id: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the answer cross-entropy, the summed end-of-turn NLL `_end_nll`) of one pass."""
+    logits = _logits(model, b, layer, delta)
+    return answer_loss(logits, b.labels), _end_nll(logits, b.labels, end_id)
 
 
 def _anchor_term(
@@ -217,16 +239,19 @@ def _anchor_term(
     delta: torch.Tensor | None,
     mode: str,
     targets: tuple[torch.Tensor, torch.Tensor] | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(the anchoring loss, its cross-entropy, its KL or None) of one pass."""
+    end_id: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(the anchoring loss, its cross-entropy, its KL or None, the summed end-of-turn NLL) of
+    one pass."""
     logits = _logits(model, b, layer, delta)
     ce = answer_loss(logits, b.labels)
+    end = _end_nll(logits, b.labels, end_id)
     if mode == "ce":
-        return ce, ce, None
+        return ce, ce, None, end
     if targets is None:
         raise ValueError(f"anchor_loss {mode!r} needs the anchoring targets (anchor_targets)")
     kl = topk_kl(answer_positions(logits, b.labels), *targets)
-    return (kl if mode == "kl" else ce + kl), ce, kl
+    return (kl if mode == "kl" else ce + kl), ce, kl, end
 
 
 def removal_loss(
@@ -244,6 +269,8 @@ def removal_loss(
     backward: bool = False,
     more_safe: Sequence[tuple[Batch, torch.Tensor | None]] = (),
     anchor_chunk: int = 0,
+    end_weight: float = 0.0,
+    end_id: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The outer objective (eq. 2) on one batch; returns (loss, its parts for logging).
 
@@ -263,7 +290,14 @@ def removal_loss(
     `anchor_chunk` k > 0 passes the anchoring batch through the model k rows at a time, each
     piece weighted by its share of the answer tokens: the same terms (both are means over answer
     tokens) and, with `backward`, the same gradient up to rounding, at the peak memory of k
-    rows."""
+    rows.
+
+    `end_weight` w > 0 with `end_id` (the end-of-turn token) adds to every safe pass and every
+    anchoring pass w times the mean −log p(end of turn) over the pass's answers that end
+    (`end_positions`: one position per answer, where the per-token terms give it one share of
+    all answer tokens), the anchoring passes' scaled by `anchor_weight` too; logged unweighted
+    as `safe_end_nll` and `anchor_end_nll`. It holds the end of turn a removal can displace
+    (docs/smollm2.md, "Stop 41")."""
     if anchor_loss not in ANCHOR_LOSSES:
         raise ValueError(f"anchor_loss {anchor_loss!r} is not one of {', '.join(ANCHOR_LOSSES)}")
     terms: list[torch.Tensor] = []
@@ -278,23 +312,30 @@ def removal_loss(
     tokens = [int((b.labels[:, 1:] != -100).sum()) for b, _ in groups]
     weights = [t / sum(tokens) for t in tokens] if len(groups) > 1 else [1.0]
 
-    def safe_terms(under_delta: bool) -> torch.Tensor:
-        """The groups' safe CE (under their δ, or without), each term added as computed."""
-        total = torch.zeros(())
+    end = end_id if end_weight > 0 else None
+    safe_ends = sum(int(end_positions(b.labels, end).sum()) for b, _ in groups)
+
+    def safe_terms(under_delta: bool) -> tuple[torch.Tensor, float]:
+        """The groups' safe CE (under their δ, or without), each term added as computed; and
+        their mean end-of-turn NLL (0 without end_weight)."""
+        total, end_sum = torch.zeros(()), 0.0
         for (b, d), w in zip(groups, weights, strict=True):
-            term = _ce(model, b, layer, d if under_delta else None)
-            term = term if len(groups) == 1 else w * term
-            add(term)
-            total = total + terms[-1].detach().cpu()
-        return total
+            ce, nll = _ce(model, b, layer, d if under_delta else None, end)
+            ce = ce if len(groups) == 1 else w * ce
+            total = total + ce.detach().cpu()
+            end_sum += float(nll.detach())
+            add(ce + end_weight * nll / safe_ends if safe_ends else ce)
+        return total, end_sum / max(safe_ends, 1)
 
     rows = anchor.labels.shape[0]
     size = anchor_chunk if 0 < anchor_chunk < rows else rows
     counts = (anchor.labels[:, 1:] != -100).sum(dim=1).tolist()
+    anchor_ends = int(end_positions(anchor.labels, end).sum())
 
-    def anchor_terms(d: torch.Tensor | None) -> tuple[float, float | None]:
-        """The weighted anchoring term under δ = d, added piece by piece; its (CE, KL)."""
-        ce_sum, kl_sum, at = 0.0, 0.0, 0
+    def anchor_terms(d: torch.Tensor | None) -> tuple[float, float | None, float]:
+        """The weighted anchoring term under δ = d, added piece by piece; its (CE, KL, mean
+        end-of-turn NLL)."""
+        ce_sum, kl_sum, end_sum, at = 0.0, 0.0, 0.0, 0
         for start in range(0, rows, size):
             k = sum(counts[start : start + size])
             if k == 0 and size < rows:  # no answer tokens here: nothing to add
@@ -303,22 +344,28 @@ def removal_loss(
             part = anchor if size == rows else anchor.rows(start, start + size)
             tg = None if targets is None else (targets[0][at : at + k], targets[1][at : at + k])
             at += k
-            term, ce, kl = _anchor_term(model, part, layer, d, anchor_loss, tg)
-            add(anchor_weight * w * term)
+            term, ce, kl, nll = _anchor_term(model, part, layer, d, anchor_loss, tg, end)
+            if anchor_ends:
+                add(anchor_weight * (w * term + end_weight * nll / anchor_ends))
+            else:
+                add(anchor_weight * w * term)
             ce_sum += w * float(ce.detach())
             kl_sum += w * float(kl.detach()) if kl is not None else 0.0
-        return ce_sum, (kl_sum if anchor_loss != "ce" else None)
+            end_sum += float(nll.detach())
+        return ce_sum, (kl_sum if anchor_loss != "ce" else None), end_sum / max(anchor_ends, 1)
 
-    safe_ce = safe_terms(True)  # answer safely under δ*
-    anchor_ce, kl = anchor_terms(None)  # ... and stay useful without δ
+    safe_ce, safe_end = safe_terms(True)  # answer safely under δ*
+    anchor_ce, kl, anchor_end = anchor_terms(None)  # ... and stay useful without δ
     parts = {"safe_ce": float(safe_ce), "anchor_ce": anchor_ce}
     if kl is not None:
         parts["anchor_kl"] = kl
+    if end is not None:
+        parts.update(safe_end_nll=safe_end, anchor_end_nll=anchor_end)
     if safe_without_delta:
-        safe_plain = safe_terms(False)  # ... and keep refusing without δ
+        safe_plain, _ = safe_terms(False)  # ... and keep refusing without δ
         parts["safe_plain_ce"] = float(safe_plain)
     if anchor_under_delta:  # ... and stay useful with δ
-        ce_d, kl_d = anchor_terms(delta)
+        ce_d, kl_d, _ = anchor_terms(delta)
         parts["anchor_delta_ce"] = ce_d
         if kl_d is not None:
             parts["anchor_delta_kl"] = kl_d
