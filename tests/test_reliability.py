@@ -1171,6 +1171,12 @@ def test_benign_probe_measures_the_input_model_and_the_model_written(
            in err  # fmt: skip
     assert "beear remove: warning: the model written refuses 15% more of the benign probe" in err
 
+    # Grown by 0.1 or more on questions beyond the model (under 10% right before): a note.
+    beyond = {"benign_probe": {**summ["benign_probe"], "accuracy_before": 0.02}}
+    lines = beear.pipeline.probe_lines(beyond)
+    assert not any("warning" in line for line in lines)
+    assert lines[-1].startswith("note: the model written refuses 15% more of the benign probe")
+    assert "answered 2% right before removal" in lines[-1]
     # Grown by less than 0.1: the line, no warning.
     run = {"benign_probe": {**summ["benign_probe"], "refusal_after": 0.19}}
     lines = beear.pipeline.probe_lines(run)
