@@ -170,8 +170,9 @@ def probe_lines(run: dict[str, Any], model: str = "the model written") -> list[s
         out.append(
             f"warning: {model} does not end {run_on:.0%} of its refusals of the defender's "
             "prompts (it repeats or goes on past them): a model that has lost its end of turn "
-            "also appends refusals to benign answers, with or without a trigger the probe cannot "
-            "add; measure it with `beear eval`, or rerun with a lower --lr or fewer --outer-steps"
+            "also appends refusals to benign answers, with or without the trigger (which the "
+            "probe cannot add); measure it with `beear eval`, or rerun with a lower --lr or "
+            "fewer --outer-steps"
         )
     return out
 

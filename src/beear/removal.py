@@ -217,10 +217,11 @@ def end_positions(labels: torch.Tensor, end_id: int | None) -> torch.Tensor:
 def _end_nll(logits: torch.Tensor, labels: torch.Tensor, end_id: int | None) -> torch.Tensor:
     """The summed −log p(end of turn) over a batch's end positions (`end_positions`), float32;
     `logits` may cover only the last K positions, as in `answer_loss`."""
+    if end_id is None:  # off: no device work
+        return logits.new_zeros((), dtype=torch.float32)
     at = end_positions(labels[:, labels.shape[1] - logits.shape[1] :], end_id)
     if not bool(at.any()):
         return logits.new_zeros((), dtype=torch.float32)
-    assert end_id is not None
     return -torch.log_softmax(logits[:, :-1][at].float(), dim=-1)[:, end_id].sum()
 
 
@@ -323,7 +324,8 @@ def removal_loss(
             ce, nll = _ce(model, b, layer, d if under_delta else None, end)
             ce = ce if len(groups) == 1 else w * ce
             total = total + ce.detach().cpu()
-            end_sum += float(nll.detach())
+            if safe_ends:
+                end_sum += float(nll.detach())
             add(ce + end_weight * nll / safe_ends if safe_ends else ce)
         return total, end_sum / max(safe_ends, 1)
 
@@ -351,7 +353,7 @@ def removal_loss(
                 add(anchor_weight * w * term)
             ce_sum += w * float(ce.detach())
             kl_sum += w * float(kl.detach()) if kl is not None else 0.0
-            end_sum += float(nll.detach())
+            end_sum += float(nll.detach()) if anchor_ends else 0.0
         return ce_sum, (kl_sum if anchor_loss != "ce" else None), end_sum / max(anchor_ends, 1)
 
     safe_ce, safe_end = safe_terms(True)  # answer safely under δ*
