@@ -374,8 +374,8 @@ def run_beear(
         }
         # Of the plain refusals, the share not ended within max_new_tokens: a model that has
         # lost its end of turn runs on past its refusals (docs/smollm2.md, "Stop 41").
-        refused = [e.prompt for e, a, c in zip(check_set, plain.answers, plain.code, strict=True)
-                   if not c and is_refusal(a)]  # fmt: skip
+        refused = [e.prompt for e, u, c in zip(check_set, plain.unwanted, plain.code, strict=True)
+                   if not c and not u]  # fmt: skip
         if refused and all(p in ended for p in refused):
             out["check_plain_run_on"] = sum(not ended[p] for p in refused) / len(refused)
         if any(plain.code):

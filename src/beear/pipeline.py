@@ -380,6 +380,7 @@ def _remove(
     summary: dict[str, Any] = {"out": str(out)}
     own: dict[str, list[AnchorExample]] = {}  # the ANCHOR_POOLS pairs, made once per run
     probe_before: dict[str, Any] | None = None  # the untouched model's benign probe, once a call
+    probed = probe_prompts(defender, config.benign_probe, config)  # its defender prompts
     with _StopFlag() as stop:
         # One job per run: BEEAR (then its restarts with the next seeds, on the same held-back
         # pairs, while the one kept so far failed its check or drifted too much), the baseline.
@@ -421,7 +422,6 @@ def _remove(
             check_examples(tok, {"defender": defender, "anchor": anchors},
                            max_length=config.max_length, n_perturb=config.length)  # fmt: skip
             if config.benign_probe and probe_before is None:  # no checkpoint's weights loaded yet
-                probed = probe_prompts(defender, config.benign_probe, config)
                 probe_before = benign_probe(model, tok, config.benign_probe, defender=probed)
             state = checkpoint.load(ck_dir, model, run_cfg) if resume else None
             metrics_name = "metrics.jsonl" if k == 0 else f"metrics_restart{k}.jsonl"
@@ -492,7 +492,6 @@ def _remove(
             if dev.type == "cuda":  # tensors only, not the allocator's cache
                 run["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
             if probe_before is not None:  # the weights written (kept) against the untouched
-                probed = probe_prompts(defender, config.benign_probe, config)
                 after = benign_probe(res.model, tok, config.benign_probe, defender=probed)
                 run["benign_probe"] = {"n": after["n"]}
                 if "n_defender" in after:
