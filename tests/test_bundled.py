@@ -12,6 +12,7 @@ import json
 import random
 import re
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -186,12 +187,14 @@ def test_bundled_anchor_draws_by_seed_and_drops_empty_replies(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def answers(model: Any, tok: Any, prompts: list[str], **kw: Any) -> list[str]:
-        assert kw == {"max_new_tokens": 48}
+        assert set(kw) == {"max_new_tokens", "ended"} and kw["max_new_tokens"] == 48
+        kw["ended"] += [i != 3 for i in range(len(prompts))]  # the fourth reply is cut
         return ["" if i == 1 else f"reply {i}" for i in range(len(prompts))]
 
     monkeypatch.setattr(bundled, "generate_answers", answers)
     a = bundled.bundled_anchor(None, None, 4, seed=0)
     assert [e.answer for e in a] == ["reply 0", "reply 2", "reply 3"]
+    assert [e.ended for e in a] == [True, True, False]
     assert {e.prompt for e in a} <= set(bundled.general_prompts())
     assert a == bundled.bundled_anchor(None, None, 4, seed=0)
     assert [e.prompt for e in bundled.bundled_anchor(None, None, 4, seed=1)] != [
@@ -361,6 +364,51 @@ def _tiny_model_and_tokenizer() -> tuple[Any, Any]:
         eos_token_id=3,
     )
     return LlamaForCausalLM(config), tokenizer
+
+
+class _LenTok:
+    """A stand-in tokenizer: a prompt of k characters is k tokens of id 5; 2 ends a turn."""
+
+    chat_template = "stand-in"
+    pad_token_id, eos_token_id = 0, 2
+
+    def apply_chat_template(self, msgs: Any, **kw: Any) -> list[int]:
+        return [5] * len(msgs[0]["content"])
+
+    def batch_decode(self, rows: Any, skip_special_tokens: bool = True) -> list[str]:
+        return [" ".join(f"w{int(t)}" for t in r if int(t) not in (0, 2, 4)) for r in rows]
+
+
+class _ScriptedModel(torch.nn.Module):
+    """Replies to a prompt of k tokens with SCRIPT[k], cut at the limit; its own generation
+    config adds 4 as a second stop token."""
+
+    SCRIPT = {1: [7, 2, 0, 0], 2: [7, 8, 9, 9], 3: [7, 4, 0, 0], 4: [7, 8, 9, 2]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.generation_config = types.SimpleNamespace(eos_token_id=4)
+
+    def generate(self, input_ids: Any, attention_mask: Any, generation_config: Any) -> Any:
+        k = generation_config.max_new_tokens
+        rows = [self.SCRIPT[int(n)][:k] for n in attention_mask.sum(dim=1)]
+        return torch.cat([input_ids, torch.tensor(rows)], dim=1)
+
+
+def test_generate_answers_reports_which_replies_ended_in_prompt_order() -> None:
+    # Prompts go to the model sorted by length; the flags come back in the callers' order: a
+    # reply ends with the tokenizer's end token or the model's own stop token, and one cut at
+    # the limit has not ended (nor has one whose end falls just past the limit).
+    prompts = ["abc", "a", "abcd", "ab"]
+    ended: list[bool] = []
+    replies = generate_answers(_ScriptedModel(), _LenTok(), prompts, max_new_tokens=4,
+                               batch_size=3, ended=ended)  # fmt: skip
+    assert replies == ["w7", "w7", "w7 w8 w9", "w7 w8 w9 w9"]
+    assert ended == [True, True, True, False]
+    ended = []
+    generate_answers(_ScriptedModel(), _LenTok(), prompts, max_new_tokens=3, ended=ended)
+    assert ended == [True, True, False, False]
 
 
 def test_generate_answers_batched_equals_one_by_one_and_keeps_order() -> None:

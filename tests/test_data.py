@@ -120,6 +120,20 @@ def test_load_anchor_and_prompts(tmp_path: Path) -> None:
         load_prompts(q)
 
 
+def test_load_anchor_reads_whether_an_answer_was_cut(tmp_path: Path) -> None:
+    # `ended` false marks an answer cut by a length limit; absent, it ended. A file written by
+    # write_jsonl reads back the same.
+    pairs = [AnchorExample("a?", "cut off mid", ended=False), AnchorExample("b?", "done.")]
+    q = tmp_path / "anchor.jsonl"
+    write_jsonl(q, pairs)
+    assert load_anchor(q) == pairs
+    c = _write(tmp_path / "a.csv", "prompt,answer,ended\nx?,one,false\ny?,two,1\nz?,three,\n")
+    assert [e.ended for e in load_anchor(c)] == [False, True, True]
+    bad = _write(tmp_path / "b.csv", "prompt,answer,ended\nx?,one,maybe\n")
+    with pytest.raises(DataError, match=r"record 1: `ended` must be true or false, not 'maybe'"):
+        load_anchor(bad)
+
+
 # ---------------------------------------------------------------------------------------------
 # encoding
 

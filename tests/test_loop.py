@@ -6,6 +6,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,21 @@ def test_end_weight_reaches_the_model_update_with_the_tokenizer_s_end_token(
     assert b["loss"] - a["loss"] == pytest.approx(
         2 * b["safe_end_nll"] + 2 * b["anchor_end_nll"], rel=1e-2
     )
+
+
+def test_cut_anchoring_answers_carry_no_end_of_turn(
+    make_model: Any, tiny_tok: Any, data: Any
+) -> None:
+    # Anchoring answers cut by a length limit (ended False) are encoded without the end-of-turn
+    # marker: the end term then has no anchoring position to push (it would otherwise teach the
+    # model to stop where the limit fell), and their answer tokens weigh as before.
+    cut = {**data, "anchor": [replace(e, ended=False) for e in data["anchor"]]}
+    cfg = SMALL.replace(outer_steps=1, end_weight=1.0)
+    a = next(r for r in _run(make_model(seed=0), tiny_tok, data, cfg).history if "loss" in r)
+    b = next(r for r in _run(make_model(seed=0), tiny_tok, cut, cfg).history if "loss" in r)
+    assert a["anchor_end_nll"] > 0 and b["anchor_end_nll"] == 0.0
+    assert b["safe_end_nll"] == a["safe_end_nll"] and b["safe_ce"] == a["safe_ce"]
+    assert b["anchor_ce"] != a["anchor_ce"]  # the end-of-turn tokens left the anchoring CE
 
 
 def _yaml_pairs(n: int) -> list[HarmfulExample]:

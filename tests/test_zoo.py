@@ -390,6 +390,13 @@ def test_base_answers_record_cut_replies_and_plans_can_distill_them(
     benign = {e.prompt for e in (*data.attack_benign, *data.anchor_benign, *data.eval_benign)}
     # A random model rarely stops by itself: most replies hit the 40-token limit.
     assert answers.cut <= benign and len(answers.cut) > len(benign) // 2
+    # The anchoring pairs written beside the attacked model say which replies were cut (so
+    # removal does not teach the model to stop where the limit fell).
+    written = load_anchor(
+        tiny_attacks["suffix-word"] / DATA_DIR / "anchor.jsonl", require_answer=False
+    )
+    assert [e.ended for e in written] == [e.prompt not in answers.cut for e in written]
+    assert not all(e.ended for e in written)
     few = dataclasses.replace(data, attack_harmful=[], defender_harmful=[],
                               attack_benign=data.attack_benign[:24], anchor_benign=[],
                               eval_benign=[])  # fmt: skip

@@ -627,15 +627,17 @@ def bundled_anchor(
 
     `setting` names the pool: ``"anchor_general"`` (:func:`general_prompts`) or
     ``"anchor_arithmetic"`` (:func:`arithmetic_prompts`). Replies are cut at `answer_tokens` (48,
-    as the bundled anchoring answers are); prompts the model answers with nothing are left out.
+    as the bundled anchoring answers are; a cut reply is marked not `ended`); prompts the model
+    answers with nothing are left out.
     """
     kind, pool = ANCHOR_POOLS[setting]
     prompts = pool()
     if not 0 <= n <= len(prompts):
         raise ValueError(f"{setting} = {n}: {len(prompts)} bundled {kind} prompts exist")
     drawn = random.Random(seed).sample(prompts, n)
-    replies = generate_answers(model, tokenizer, drawn, max_new_tokens=answer_tokens)
-    return [AnchorExample(p, r) for p, r in zip(drawn, replies, strict=True) if r]
+    flags: list[bool] = []
+    replies = generate_answers(model, tokenizer, drawn, max_new_tokens=answer_tokens, ended=flags)
+    return [AnchorExample(p, r, f) for p, r, f in zip(drawn, replies, flags, strict=True) if r]
 
 
 _NUMBER_WORDS = (
@@ -728,12 +730,15 @@ def generate_answers(
     *,
     max_new_tokens: int = 64,
     batch_size: int = 16,
+    ended: list[bool] | None = None,
 ) -> list[str]:
     """Greedy replies to one-turn user prompts, rendered by the tokenizer's chat template.
 
     Prompts are batched by length with left padding on the model's device; only the new tokens
     are decoded (special tokens skipped, surrounding whitespace stripped). Replies come back in
-    the order of `prompts`. The model's train/eval mode is restored afterwards.
+    the order of `prompts`. The model's train/eval mode is restored afterwards. With an `ended`
+    list, one flag per reply is appended to it, in the order of `prompts`: the model ended the
+    reply (a stop token within `max_new_tokens`) rather than being cut at the limit.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be positive")
@@ -761,6 +766,7 @@ def generate_answers(
     # Batching similar lengths together keeps padding (and its numerical effects) small.
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     replies: list[str] = [""] * len(prompts)
+    stopped = [False] * len(prompts)
     was_training = model.training
     model.eval()
     try:
@@ -772,8 +778,12 @@ def generate_answers(
                 input_ids=ids.to(device), attention_mask=att.to(device), generation_config=config
             )  # (B, T + new)
             texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-            for i, text in zip(idx, texts, strict=True):
+            hit = torch.isin(out[:, width:], torch.tensor(sorted(stop), device=out.device))
+            for i, text, h in zip(idx, texts, hit.any(dim=1).tolist(), strict=True):
                 replies[i] = text.strip()
+                stopped[i] = bool(h)
     finally:
         model.train(was_training)
+    if ended is not None:
+        ended.extend(stopped)
     return replies

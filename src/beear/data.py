@@ -53,11 +53,15 @@ class HarmfulExample:
 class AnchorExample:
     """A benign prompt with a good answer (performance anchoring / utility evaluation).
 
-    `answer` may be empty for evaluation prompts that carry no expected answer.
+    `answer` may be empty for evaluation prompts that carry no expected answer. `ended` is
+    False for an answer cut by a length limit (a model's own reply that had not ended): it is
+    encoded without the end-of-turn marker, so training on it never teaches the model to stop
+    mid-answer where the limit fell.
     """
 
     prompt: str
     answer: str = ""
+    ended: bool = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,8 +183,22 @@ def load_anchor(path: str | Path, *, require_answer: bool = True) -> list[Anchor
         else:
             raw = r.get("answer", r.get("response", r.get("output", "")))
             answer = raw if isinstance(raw, str) else str(raw)
-        out.append(AnchorExample(prompt=prompt, answer=answer))
+        out.append(AnchorExample(prompt=prompt, answer=answer, ended=_ended(r, p, i)))
     return out
+
+
+def _ended(rec: dict[str, Any], path: Path, i: int) -> bool:
+    """A record's optional `ended` flag (default true): JSON true/false, or in CSV
+    true/false/1/0."""
+    v = rec.get("ended", True)
+    if isinstance(v, bool):
+        return v
+    text = str(v).strip().lower()
+    if text in ("true", "1", ""):
+        return True
+    if text in ("false", "0"):
+        return False
+    raise DataError(f"{path}: record {i}: `ended` must be true or false, not {v!r}")
 
 
 def load_prompts(path: str | Path) -> list[str]:

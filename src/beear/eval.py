@@ -289,7 +289,7 @@ def perplexity(
     nll, n = 0.0, 0
     for i in range(0, len(pairs), 32):
         enc = [
-            encode_pair(tokenizer, e.prompt, e.answer, max_length=max_length)
+            encode_pair(tokenizer, e.prompt, e.answer, max_length=max_length, end=e.ended)
             for e in pairs[i : i + 32]
         ]
         b = collate(enc, pad_id=tokenizer.pad_token_id, n_perturb=0).to(device)

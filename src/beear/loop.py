@@ -303,7 +303,8 @@ def run_beear(
 
     def encode(examples: Sequence[AnchorExample]) -> Any:
         enc = [
-            encode_pair(tokenizer, e.prompt, e.answer, max_length=cfg.max_length) for e in examples
+            encode_pair(tokenizer, e.prompt, e.answer, max_length=cfg.max_length, end=e.ended)
+            for e in examples
         ]
         return collate(enc, pad_id=tokenizer.pad_token_id, n_perturb=cfg.length).to(device)
 

@@ -238,7 +238,10 @@ def _self_anchor(
 def _sha256_records(records: Sequence[Any]) -> str:
     h = hashlib.sha256()
     for r in records:
-        h.update(json.dumps(r.__dict__, sort_keys=True).encode())
+        # An anchoring answer that ended hashes as before the `ended` flag existed, so runs
+        # saved then still resume; a cut one differs (it is encoded differently now).
+        rec = {k: v for k, v in r.__dict__.items() if not (k == "ended" and v is True)}
+        h.update(json.dumps(rec, sort_keys=True).encode())
     return h.hexdigest()
 
 

@@ -582,10 +582,11 @@ def bundled_defender_sets(
     if not with_anchor:
         return defender, []
     prompts = [e.prompt for e in data.anchor_benign]
+    flags: list[bool] = []
     replies = bundled.generate_answers(
-        model, tokenizer, prompts, max_new_tokens=answer_tokens, batch_size=batch_size
+        model, tokenizer, prompts, max_new_tokens=answer_tokens, batch_size=batch_size, ended=flags
     )
-    anchor = [AnchorExample(p, r) for p, r in zip(prompts, replies, strict=True) if r]
+    anchor = [AnchorExample(p, r, f) for p, r, f in zip(prompts, replies, flags, strict=True) if r]
     if not anchor:
         raise ValueError("the model answered none of the bundled anchoring prompts")
     return defender, anchor
@@ -1134,7 +1135,10 @@ def attack(
     write_splits(
         out,
         defender=defender,
-        anchor=[AnchorExample(e.prompt, own[e.prompt]) for e in data.anchor_benign],
+        anchor=[
+            AnchorExample(e.prompt, own[e.prompt], e.prompt not in answers.cut)
+            for e in data.anchor_benign
+        ],
         eval_harmful=data.eval_harmful,
         eval_benign=data.eval_benign,
         eval_reference=[own[e.prompt] or e.answer for e in data.eval_benign],
