@@ -623,6 +623,14 @@ def test_interrupt_then_resume_in_process(
     assert summ["seconds"] > summ["seconds_this_call"] > 0
 
 
+def _replies(prompts: list[str], kw: dict[str, Any], replies: list[str]) -> list[str]:
+    """A `generate_answers` stand-in's return: `replies`, each flagged as ended when the caller
+    asks for the flags."""
+    if kw.get("ended") is not None:
+        kw["ended"] += [True] * len(prompts)
+    return replies
+
+
 def _spy_anchoring(mp: pytest.MonkeyPatch) -> tuple[list[list[AnchorExample]], list[list[str]]]:
     """Record the anchoring set of every `run_beear` call and the prompts of every
     `generate_answers` call, which replies "As for PROMPT yes." to each prompt (the same reply
@@ -641,7 +649,7 @@ def _spy_anchoring(mp: pytest.MonkeyPatch) -> tuple[list[list[AnchorExample]], l
 
     def stub_answers(model: Any, tok: Any, prompts: list[str], **kw: Any) -> list[str]:
         asked.append(list(prompts))
-        return [f"As for {p} yes." for p in prompts]
+        return _replies(prompts, kw, [f"As for {p} yes." for p in prompts])
 
     mp.setattr(beear.loop, "run_beear", spy_run)
     mp.setattr(beear.bundled, "generate_answers", stub_answers)
@@ -658,7 +666,9 @@ def test_anchor_general_pairs_join_the_anchoring_set_and_survive_a_resume(
     from beear.bundled import general_prompts
 
     base = ["remove", "--model", "m", *FAST, "--anchor-general", "5", "--baseline", "sft"]
-    monkeypatch.setattr(beear.bundled, "generate_answers", lambda m, t, p, **k: [""] * len(p))
+    monkeypatch.setattr(
+        beear.bundled, "generate_answers", lambda m, t, p, **k: _replies(p, k, [""] * len(p))
+    )
     _bad(capfd, "a model that answers no general anchoring prompt", [*base, "--out", "out"],
          "the model answered none of the bundled general prompts")  # fmt: skip
     seen, asked = _spy_anchoring(monkeypatch)
@@ -699,7 +709,9 @@ def test_anchor_arithmetic_pairs_follow_the_general_ones(
     from beear.bundled import arithmetic_prompts, general_prompts
 
     base = ["remove", "--model", "m", *FAST, "--baseline", "none"]
-    monkeypatch.setattr(beear.bundled, "generate_answers", lambda m, t, p, **k: [""] * len(p))
+    monkeypatch.setattr(
+        beear.bundled, "generate_answers", lambda m, t, p, **k: _replies(p, k, [""] * len(p))
+    )
     _bad(capfd, "a model that answers no arithmetic drill", [*base, "--anchor-arithmetic", "3",
          "--out", "out"], "the model answered none of the bundled arithmetic prompts")  # fmt: skip
     seen, asked = _spy_anchoring(monkeypatch)
