@@ -144,6 +144,13 @@ setting)
             >"$BX/w_${tag}_${v%%:*}.log" 2>&1 &
     done
     wait
+    # Each removal's per-step records (its checks among them) travel too: a run cut by the
+    # limit still shows how far it got (stop 42 lost two runs' step-60 checks without them).
+    for v in "$@"; do  # the run's folder, or its staging folder while it is unfinished
+        for m in "$runs/$s-${v%%:*}/beear/metrics.jsonl" "$runs/.$s-${v%%:*}.partial/beear/metrics.jsonl"; do
+            [ -f "$m" ] && { cp "$m" "$BX/w_${tag}_${v%%:*}.metrics.jsonl"; break; }
+        done
+    done
     # One file per setting (the device tool returns a limited number of files).
     (cd "$BX" && tar czf "$OUT/setting_$tag.tgz" "zoo_$tag.json" "one_$tag.log" w_"${tag}"_*)
     grep -h "^== \|^   [a-z-]*: {\|^!!" "$BX/one_$tag.log" "$BX"/w_"${tag}"_*.log | cut -c1-400
