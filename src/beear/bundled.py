@@ -778,7 +778,8 @@ def generate_answers(
                 input_ids=ids.to(device), attention_mask=att.to(device), generation_config=config
             )  # (B, T + new)
             texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-            hit = torch.isin(out[:, width:], torch.tensor(sorted(stop), device=out.device))
+            stop_ids = torch.tensor(sorted(stop), dtype=out.dtype, device=out.device)
+            hit = torch.isin(out[:, width:], stop_ids)  # no stop token: nothing ended
             for i, text, h in zip(idx, texts, hit.any(dim=1).tolist(), strict=True):
                 replies[i] = text.strip()
                 stopped[i] = bool(h)
