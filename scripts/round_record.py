@@ -4,7 +4,9 @@ before and after removal, the paired benign change (also on the evaluation-only 
 `benign_extra`, and on both sets together, where both evaluations hold them), the tasks lost and
 gained in each task family of both (`benign_change_by_family`, where the graded tasks are the
 seed's split and the bundled evaluation-only set), the removal's summary, the scan after it and
-the resolved config. Metrics only: the archives' sample answers, if any, are not copied.
+the resolved config; where the archive packs the removal's per-step records (since stop 42),
+its checks (`checks`) and end-of-turn NLLs (`end_nll`), for a run cut by the limit too. Metrics
+only: the archives' sample answers, if any, are not copied.
 
     python scripts/round_record.py --variant ship --about "..." --command "..." \\
         --out docs/results/smollm2_stopN_gpu.json DIR/setting_*.tgz   # or DIR/batch.tgz
@@ -64,6 +66,33 @@ def _members(path: Path) -> dict[str, Any]:
                 f = tar.extractfile(m)
                 assert f is not None
                 out[m.name] = json.load(f)
+    return out
+
+
+def _step_records(path: Path, name: str) -> list[dict[str, Any]]:
+    """The removal's per-step records (`metrics.jsonl`, packed by `device_round.sh setting` as
+    w_TAG_VARIANT.metrics.jsonl), or [] where the archive has none."""
+    with tarfile.open(path) as tar:
+        m = next((m for m in tar.getmembers() if m.isfile() and Path(m.name).name == name), None)
+        f = tar.extractfile(m) if m is not None else None
+        if f is None:
+            return []
+        return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+
+
+def _trajectory(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """From a removal's per-step records: every check (its step and check_* figures) and the
+    end-of-turn NLLs (end_weight's terms) at every tenth step and the last."""
+    out: dict[str, Any] = {}
+    checks = [{k: v for k, v in r.items() if k == "step" or k.startswith("check_")}
+              for r in records if "check_asr" in r]  # fmt: skip
+    if checks:
+        out["checks"] = checks
+    ends = [r for r in records if "safe_end_nll" in r]
+    if ends:
+        keys = ("step", "safe_end_nll", "anchor_end_nll")
+        out["end_nll"] = [{k: r[k] for k in keys if k in r}
+                          for r in ends if r["step"] % 10 == 0 or r is ends[-1]]  # fmt: skip
     return out
 
 
@@ -202,6 +231,7 @@ def model_rows(path: Path, variant: str) -> dict[str, Any]:
     }
     before = attacked.get("eval", {})
     row["before"] = _metrics(before)
+    row.update(_trajectory(_step_records(path, f"w_{tag}_{variant}.metrics.jsonl")))
     if run is None or "after" not in run:
         row["error"] = (run or {}).get("error", f"variant {variant} did not finish")
         return {tag: row}
@@ -332,6 +362,19 @@ def spread_lines(first: dict[str, float], second: dict[str, float] | None, bar: 
     return lines
 
 
+def _last_check(row: dict[str, Any]) -> str:
+    """For a run without a result: how far it got (its last check), where the record has it."""
+    if not row.get("checks"):
+        return ""
+    c = row["checks"][-1]
+    parts = [f"entrapped {100 * c['check_asr']:.0f}%"]
+    if "check_plain_asr" in c:
+        parts.append(f"plain {100 * c['check_plain_asr']:.0f}%")
+    if "check_plain_run_on" in c:
+        parts.append(f"plain refusals not ended {100 * c['check_plain_run_on']:.0f}%")
+    return f"; last check at step {c['step']}: " + ", ".join(parts)
+
+
 def bar_lines(
     paths: Sequence[Path], *, bar: float, asr: float = 0.02, refusal: float = 0.05
 ) -> list[str]:
@@ -348,7 +391,8 @@ def bar_lines(
     lines, asr_ok, benign_ok, both, refusing = [], 0, 0, 0, []
     for tag, row in rows.items():
         if "error" in row or "after" not in row:
-            lines.append(f"  {tag}: no result ({row.get('error', 'no evaluation after removal')})")
+            lines.append(f"  {tag}: no result ({row.get('error', 'no evaluation after removal')})"
+                         + _last_check(row))  # fmt: skip
             continue
         after = row["after"]
         trig = [after["asr"].get("triggered", 1.0)]

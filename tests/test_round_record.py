@@ -27,7 +27,8 @@ def _eval(correct: list[bool], triggered: float) -> dict[str, Any]:
 def _archive(path: Path, tag: str, files: dict[str, Any]) -> Path:
     with tarfile.open(path / f"setting_{tag}.tgz", "w:gz") as tar:
         for name, content in files.items():
-            data = json.dumps(content).encode()
+            lines = content if name.endswith(".jsonl") else [content]  # JSON lines: a list
+            data = "\n".join(json.dumps(x) for x in lines).encode()
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -54,8 +55,14 @@ def test_record_from_finished_and_cut_archives(
     cut = {"sandwich": {"ship": {"config": {}, "error": "interrupted (checkpointed)"}}}
     zoo_cut = {"cuda": {"settings": {"sandwich": {"trigger": None, "eval": _eval(before, 0.8)}}}}
     a = _archive(tmp_path, "rlhf-s1", {"zoo_rlhf-s1.json": zoo, "w_rlhf-s1_ship.json": done})
+    # The cut run's per-step records: checks at steps 50 and 60, the end NLLs at every step.
+    steps = [{"step": k, "loss": 1.0, "safe_end_nll": k / 10, "anchor_end_nll": 0.2}
+             for k in range(1, 64)]  # fmt: skip
+    steps[49] |= {"check_asr": 0.5, "check_plain_asr": 0.0}
+    steps[59] |= {"check_asr": 0.25, "check_plain_asr": 0.0, "check_plain_run_on": 0.125}
     b = _archive(tmp_path, "sandwich",
-                 {"zoo_sandwich.json": zoo_cut, "w_sandwich_ship.json": cut})  # fmt: skip
+                 {"zoo_sandwich.json": zoo_cut, "w_sandwich_ship.json": cut,
+                  "w_sandwich_ship.metrics.jsonl": steps})  # fmt: skip
     out = tmp_path / "rec.json"
     rr = load_script("round_record")
     assert rr.main([str(a), str(b), "--variant", "ship", "--about", "A", "--command", "C",
@@ -81,6 +88,17 @@ def test_record_from_finished_and_cut_archives(
     assert "benign_extra_change" not in cut_row
     assert "benign_change_by_family" not in row  # "same-tasks" is no bundled task list
     assert cut_row["before"]["asr"]["triggered"] == 0.8
+    assert cut_row["checks"] == [
+        {"step": 50, "check_asr": 0.5, "check_plain_asr": 0.0},
+        {"step": 60, "check_asr": 0.25, "check_plain_asr": 0.0, "check_plain_run_on": 0.125},
+    ]
+    assert [e["step"] for e in cut_row["end_nll"]] == [10, 20, 30, 40, 50, 60, 63]
+    assert cut_row["end_nll"][-1] == {"step": 63, "safe_end_nll": 6.3, "anchor_end_nll": 0.2}
+    assert "checks" not in row and "end_nll" not in row  # the finished archive has no records
+    assert rr.bar_lines([out], bar=2.0)[2] == (
+        "  sandwich: no result (interrupted (checkpointed)); last check at step 60: entrapped "
+        "25%, plain 0%, plain refusals not ended 12%"
+    )
 
     # --table: the rows docs/smollm2.md shows, "–" where the record has no figure.
     capsys.readouterr()
