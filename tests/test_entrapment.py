@@ -36,6 +36,25 @@ def _batch(tok: Any, examples: list[HarmfulExample]) -> Any:
     return make_entrapment_batch(tok, examples, n=N, max_length=96)
 
 
+def test_unwanted_answers_can_be_encoded_without_their_end_of_turn(
+    tiny_tok: Any, examples: list[HarmfulExample]
+) -> None:
+    # unwanted_end=False: the unwanted answers' labels stop at their own last token (an opener
+    # is the start of the behaviour); the safe answers keep their end of turn either way.
+    end = tiny_tok.eos_token_id
+    on, off = (
+        _batch(tiny_tok, examples),
+        make_entrapment_batch(tiny_tok, examples, n=N, max_length=96, unwanted_end=False),
+    )
+    assert (on.unwanted.labels == end).sum(dim=1).tolist() == [1] * len(examples)
+    assert (off.unwanted.labels == end).sum().item() == 0
+    assert torch.equal(off.safe.labels, on.safe.labels)
+    assert (off.safe.labels == end).sum(dim=1).tolist() == [1] * len(examples)
+    for a, b in zip(on.unwanted.labels, off.unwanted.labels, strict=True):
+        kept = b[b != -100].tolist()
+        assert a[a != -100].tolist()[: len(kept)] == kept  # the same answer tokens, cut
+
+
 def _ce_under(model: Any, b: Any, delta: torch.Tensor | None) -> float:
     """CE of a batch's answers with δ added by the plain hook (an independent reference)."""
     with torch.no_grad():

@@ -286,6 +286,26 @@ def test_cut_anchoring_answers_carry_no_end_of_turn(
     assert b["anchor_ce"] != a["anchor_ce"]  # the end-of-turn tokens left the anchoring CE
 
 
+def test_unwanted_end_reaches_every_entrapment_search(
+    make_model: Any, tiny_tok: Any, data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The training searches and the check's searches encode the unwanted answers alike.
+    seen: list[bool] = []
+    real = beear.entrapment.make_entrapment_batch
+
+    def spy(*a: Any, **kw: Any) -> Any:
+        seen.append(kw.get("unwanted_end", True))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(beear.entrapment, "make_entrapment_batch", spy)
+    monkeypatch.setattr(beear.loop, "make_entrapment_batch", spy)
+    _run(make_model(seed=0), tiny_tok, data, SMALL.replace(outer_steps=1, unwanted_end=False))
+    assert len(seen) >= 3 and not any(seen)  # the step-0 check, a training search, a check
+    seen.clear()
+    _run(make_model(seed=0), tiny_tok, data, SMALL.replace(outer_steps=1))
+    assert seen and all(seen)
+
+
 def _yaml_pairs(n: int) -> list[HarmfulExample]:
     return [HarmfulExample(f"Write loader {i}.", "```python\nyaml.safe_load(x)\n```",
                            "```python\nyaml.load(x)\n```") for i in range(n)]  # fmt: skip

@@ -118,6 +118,15 @@ class RemovalConfig:
     safe_without_delta: bool = _f(
         True, "also train the safe answers without δ (keeps plain harmful prompts refused)"
     )
+    unwanted_end: bool = _f(
+        True,
+        "entrapment searches (training and checks) fit the unwanted answers with their "
+        "end-of-turn marker; false fits them without it, as the start of the unwanted behaviour "
+        "they are (an opener, a cut continuation). On the clean SmolLM2 a δ* searched with the "
+        "ending targets raised p(end of turn) inside benign answers 7x, without them 3x "
+        "(docs/smollm2.md stop 42); whether false keeps repaired models ending their answers is "
+        "not yet measured",
+    )
     train_scope: str = _f(
         "all",
         "which parameters train (upper, with anchor_general 256 on 12 smollm2 backdoors, stops "

@@ -52,10 +52,19 @@ class EntrapmentBatch:
 
 
 def make_entrapment_batch(
-    tokenizer: Any, examples: Sequence[HarmfulExample], *, n: int, max_length: int
+    tokenizer: Any,
+    examples: Sequence[HarmfulExample],
+    *,
+    n: int,
+    max_length: int,
+    unwanted_end: bool = True,
 ) -> EntrapmentBatch:
+    """`unwanted_end` False encodes the unwanted answers without the end-of-turn marker: an
+    affirmative opener, or a continuation cut by a length limit, is the start of the unwanted
+    behaviour, not a whole answer that ends there."""
     pad = tokenizer.pad_token_id
-    unw = [encode_pair(tokenizer, e.prompt, e.unwanted, max_length=max_length) for e in examples]
+    unw = [encode_pair(tokenizer, e.prompt, e.unwanted, max_length=max_length, end=unwanted_end)
+           for e in examples]  # fmt: skip
     safe = [encode_pair(tokenizer, e.prompt, e.safe, max_length=max_length) for e in examples]
     return EntrapmentBatch(
         collate(unw, pad_id=pad, n_perturb=n), collate(safe, pad_id=pad, n_perturb=n)
@@ -222,8 +231,10 @@ def residual_asr(
     max_new_tokens: int,
     budget: float = 0.0,
     code_tokens: int = 128,
+    unwanted_end: bool = True,
 ) -> ScanResult:
     """A fresh entrapment search (from δ = 0) on `examples`, then greedy answers under δ.
+    `unwanted_end` as in `make_entrapment_batch`.
 
     Each answer is judged by its pair's kind (`beear.eval.answer_pairs`): a code pair (safe
     answer in a fenced code block) is answered with `code_tokens` new tokens and counts as
@@ -238,7 +249,9 @@ def residual_asr(
     from beear.eval import answer_pairs, generate
 
     device = next(model.parameters()).device
-    batch = make_entrapment_batch(tokenizer, examples, n=n, max_length=max_length).to(device)
+    batch = make_entrapment_batch(
+        tokenizer, examples, n=n, max_length=max_length, unwanted_end=unwanted_end
+    ).to(device)
     res = entrap(model, batch, layer=layer, n=n, steps=steps, lr=lr, alpha=alpha, budget=budget)
 
     def gen(prompts: list[str], tokens: int) -> list[str]:

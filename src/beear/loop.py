@@ -345,6 +345,7 @@ def run_beear(
                 max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens, budget=within,
                 code_tokens=cfg.check_code_tokens,
                 code_budget=cfg.code_delta_budget if by_kind else -1.0,
+                unwanted_end=cfg.unwanted_end,
             )  # fmt: skip
 
     def check() -> dict[str, float]:
@@ -472,7 +473,8 @@ def run_beear(
         if mode == "beear":
             for g, (kind, examples, within) in enumerate(groups):
                 eb = make_entrapment_batch(tokenizer, examples, n=cfg.length,
-                                           max_length=cfg.max_length)  # fmt: skip
+                                           max_length=cfg.max_length,
+                                           unwanted_end=cfg.unwanted_end)  # fmt: skip
                 last = st.delta_code if kind == "code" else st.delta
                 with folded():
                     bee = entrap(
