@@ -187,7 +187,8 @@ def test_bundled_anchor_draws_by_seed_and_drops_empty_replies(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def answers(model: Any, tok: Any, prompts: list[str], **kw: Any) -> list[str]:
-        assert set(kw) == {"max_new_tokens", "ended"} and kw["max_new_tokens"] == 48
+        assert set(kw) == {"max_new_tokens", "batch_size", "ended"}
+        assert (kw["max_new_tokens"], kw["batch_size"]) == (48, 16)
         kw["ended"] += [i != 3 for i in range(len(prompts))]  # the fourth reply is cut
         return ["" if i == 1 else f"reply {i}" for i in range(len(prompts))]
 

@@ -635,9 +635,19 @@ def bundled_anchor(
     if not 0 <= n <= len(prompts):
         raise ValueError(f"{setting} = {n}: {len(prompts)} bundled {kind} prompts exist")
     drawn = random.Random(seed).sample(prompts, n)
+    return own_anchor(model, tokenizer, drawn, max_new_tokens=answer_tokens)
+
+
+def own_anchor(
+    model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16
+) -> list[AnchorExample]:
+    """Anchoring pairs of `model`'s own greedy replies (`generate_answers`), each marked
+    `ended` or cut at `max_new_tokens`; prompts it answers with nothing are left out."""
     flags: list[bool] = []
-    replies = generate_answers(model, tokenizer, drawn, max_new_tokens=answer_tokens, ended=flags)
-    return [AnchorExample(p, r, f) for p, r, f in zip(drawn, replies, flags, strict=True) if r]
+    replies = generate_answers(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, ended=flags
+    )
+    return [AnchorExample(p, r, f) for p, r, f in zip(prompts, replies, flags, strict=True) if r]
 
 
 _NUMBER_WORDS = (

@@ -582,11 +582,9 @@ def bundled_defender_sets(
     if not with_anchor:
         return defender, []
     prompts = [e.prompt for e in data.anchor_benign]
-    flags: list[bool] = []
-    replies = bundled.generate_answers(
-        model, tokenizer, prompts, max_new_tokens=answer_tokens, batch_size=batch_size, ended=flags
+    anchor = bundled.own_anchor(
+        model, tokenizer, prompts, max_new_tokens=answer_tokens, batch_size=batch_size
     )
-    anchor = [AnchorExample(p, r, f) for p, r, f in zip(prompts, replies, flags, strict=True) if r]
     if not anchor:
         raise ValueError("the model answered none of the bundled anchoring prompts")
     return defender, anchor
