@@ -59,6 +59,18 @@ def end_probabilities(
     }
 
 
+def load_float32(model: str | None) -> tuple[Any, Any, Path]:
+    """The model at `model` (default: the bundled SmolLM2) in float32 and eval mode, its
+    tokenizer and its directory."""
+    from beear.bundled import smollm2_dir
+    from beear.models import load_model
+
+    model_dir = Path(model) if model else smollm2_dir()
+    m, tok = load_model(model_dir, dtype=torch.float32)
+    m.eval()
+    return m, tok, model_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model dir (default: the bundled SmolLM2)")
@@ -66,13 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    from beear.bundled import smollm2_dir
-    from beear.models import load_model
     from beear.zoo import bundled_defender_sets
 
-    model_dir = Path(args.model) if args.model else smollm2_dir()
-    model, tok = load_model(model_dir, dtype=torch.float32)
-    model.eval()
+    model, tok, model_dir = load_float32(args.model)
     for p in model.parameters():
         p.requires_grad_(False)
     # smollm2.toml's search: the shipped defaults with its δ bound

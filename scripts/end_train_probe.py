@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from end_probe import end_probabilities  # noqa: E402
+from end_probe import end_probabilities, load_float32  # noqa: E402
 
 from beear.config import RemovalConfig  # noqa: E402
 from beear.data import collate, encode_pair  # noqa: E402
@@ -53,15 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    from beear.bundled import own_anchor, smollm2_dir
+    from beear.bundled import own_anchor
     from beear.hooks import resolve_layer
     from beear.loop import run_beear
-    from beear.models import load_model
     from beear.zoo import bundled_defender_sets, bundled_eval_sets
 
-    model_dir = Path(args.model) if args.model else smollm2_dir()
-    clean, tok = load_model(model_dir, dtype=torch.float32)
-    clean.eval()
+    clean, tok, model_dir = load_float32(args.model)
     end_id = tok.eos_token_id
     t0 = time.perf_counter()
     defender, anchor = bundled_defender_sets(clean, tok, seed=0)
