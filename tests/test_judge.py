@@ -406,6 +406,28 @@ def test_evaluate_dir_passes_the_judge_on(model_dir: Path, tmp_path: Path, tok: 
     assert "judge" not in evaluate_dir(model_dir, trigger=None, device="cpu")
 
 
+def test_evaluate_dir_scores_cut_references_without_an_end(model_dir: Path, tmp_path: Path) -> None:
+    # A reference answer marked cut (`reference_ended` false) is scored without the end of
+    # turn after it; the others with it.
+    import shutil
+
+    from beear.eval import perplexity
+    from beear.pipeline import evaluate_dir
+
+    d = tmp_path / "model"
+    shutil.copytree(model_dir, d)
+    refs = ["it is white, like", "hello there."]
+    write_splits(d, defender=[HarmfulExample(HARMFUL[0], "No.", "Sure.")], anchor=BENIGN[:1],
+                 eval_harmful=HARMFUL, eval_benign=BENIGN, eval_reference=refs,
+                 reference_cut={BENIGN[0].prompt})  # fmt: skip
+    got = evaluate_dir(d, trigger=None, device="cpu")["perplexity"]
+    model, tok = load_model(d)
+    whole = [AnchorExample(e.prompt, r) for e, r in zip(BENIGN, refs, strict=True)]
+    cut = [AnchorExample(BENIGN[0].prompt, refs[0], ended=False), whole[1]]
+    assert got == pytest.approx(perplexity(model, tok, cut), rel=1e-6)
+    assert got != pytest.approx(perplexity(model, tok, whole), rel=1e-3)
+
+
 def test_cli_eval_writes_the_judge_block(
     model_dir: Path, tmp_path: Path, tok: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
