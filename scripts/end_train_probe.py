@@ -75,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint_every=args.every)  # fmt: skip
     layer = resolve_layer(clean, RemovalConfig().layer)
 
+    enc = [encode_pair(tok, e.prompt, e.answer, max_length=256, end=e.ended) for e in own]
+    own_batch = collate(enc, pad_id=tok.pad_token_id, n_perturb=0)  # encoded once
+
     def measure(model: Any) -> dict[str, Any]:
         was = model.training
         model.eval()
-        enc = [encode_pair(tok, e.prompt, e.answer, max_length=256, end=e.ended) for e in own]
-        b = collate(enc, pad_id=tok.pad_token_id, n_perturb=0)
-        p = end_probabilities(model, b, layer, None, end_id)
+        p = end_probabilities(model, own_batch, layer, None, end_id)
         flags: list[bool] = []
         with torch.no_grad():
             ans = generate(model, tok, prompts, max_new_tokens=args.gen_tokens, ended=flags)
